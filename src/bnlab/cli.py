@@ -1,0 +1,50 @@
+"""The ``bnlab`` command.
+
+Each subcommand lives in its own module, which provides
+``add_parser(subparsers)`` that registers the subcommand and sets
+``func(args) -> int`` as its handler. Modules import heavy dependencies
+inside their handlers, so ``bnlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that provide subcommands, in the order `bnlab --help` lists them.
+COMMAND_MODULES = [
+    "bnlab.verify",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnlab",
+        description="Batch Normalization (Ioffe & Szegedy, 2015): the library's checks "
+        "and the paper's experiments.",
+    )
+    from bnlab import __version__
+
+    parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
