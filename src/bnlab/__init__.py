@@ -2,7 +2,40 @@
 
 Submodules:
     functional  the Batch Normalizing Transform as pure tensor math (Algorithm 1)
-    nn          drop-in replacements for torch.nn.BatchNorm1d/2d/3d, converters
+    nn          drop-in replacements for torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm, converters
+
+Algorithm 2 (training a batch-normalized network) at the top level:
+    insert_batchnorm            steps 1-2: BN before every nonlinearity
+    recompute_population_stats  steps 8-10: population statistics for inference
+    fold_batchnorm              step 11: inference BN folded into neighbouring layers
+    freeze_batchnorm / unfreeze_batchnorm
+
+The top-level names are imported on first use, so ``import bnlab`` is cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "insert_batchnorm": "bnlab.insert",
+    "recompute_population_stats": "bnlab.stats.population",
+    "fold_batchnorm": "bnlab.fold",
+    "freeze_batchnorm": "bnlab.freeze",
+    "unfreeze_batchnorm": "bnlab.freeze",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnlab' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""Statistics beyond one mini-batch: population (Algorithm 2) and cross-process."""
