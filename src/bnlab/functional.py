@@ -113,8 +113,9 @@ def _sum_sq(t: Tensor, dims: list[int]) -> Tensor:
 def center(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Center ``x`` on its batch mean and take its biased batch variance.
 
-    Two passes (mean, then squares of ``x - mu_B``), so the variance keeps
-    its precision when |mean| >> std; no E[x^2] - E[x]^2 anywhere.
+    Corrected two-pass algorithm (mean, then sums of ``x - mu_B``), so the
+    variance and the centered values keep their precision when |mean| >> std;
+    no E[x^2] - E[x]^2 anywhere.
 
     Returns:
         ``(x_mu, mu_b, biased_var_b)``: a new tensor x - mu_B (x's shape and
@@ -125,8 +126,14 @@ def center(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     xc = x.to(compute_dtype(x.dtype))
     mu_b = xc.mean(dims)
     x_mu = xc - channel_view(mu_b, x)
-    biased_var_b = _sum_sq(x_mu, dims) / m
-    return x_mu, mu_b, biased_var_b
+    # Corrected two-pass: the centered values' own mean c is the rounding error of
+    # the first mean (large when |mean| >> std in float32). Remove it from x_mu, and
+    # from the variance as sum(x_mu^2)/m - c^2, which is exact algebra.
+    c = x_mu.mean(dims)
+    biased_var_b = (_sum_sq(x_mu, dims) / m - c.square()).clamp_min(0)
+    c_view = channel_view(c, x)
+    x_mu = x_mu.sub_(c_view) if _inplace_ok() else x_mu - c_view
+    return x_mu, mu_b + c, biased_var_b
 
 
 def compute_batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,7 +152,9 @@ def compute_batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mu_b, biased_var_b
 
 
-def merge_moments(counts: Tensor, means: Tensor, biased_vars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def merge_moments(
+    counts: Tensor, means: Tensor, biased_vars: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Merge per-part statistics into those of the union of the parts.
 
     For K parts with n_k values, means mu_k and biased variances v_k (per

@@ -54,6 +54,7 @@ class _BatchNorm(nn.Module):
         affine: learn gamma (``weight``) and beta (``bias``). Default True.
         track_running_stats: keep running mean and variance for inference.
             When False, batch statistics are used in train and eval mode.
+        bias: (keyword-only, as in PyTorch) learn beta; False keeps gamma only.
     """
 
     _version = 2
@@ -68,6 +69,8 @@ class _BatchNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         _check_hyperparameters(num_features, eps, momentum)
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -79,7 +82,10 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+            else:  # gamma only (PyTorch's keyword-only ``bias=False``)
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -112,7 +118,8 @@ class _BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -135,7 +142,9 @@ class _BatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-            "track_running_stats={track_running_stats}".format(**self.__dict__)
+            "bias={use_bias}, track_running_stats={track_running_stats}".format(
+                **self.__dict__, use_bias=self.bias is not None
+            )
         )
 
     def _momentum_for_step(self) -> float:
@@ -182,6 +191,8 @@ class _BatchNorm(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         for name in ("weight", "bias", "running_mean", "running_var"):
             value = state_dict.get(prefix + name)
+            if getattr(self, name) is None:
+                continue  # an unexpected key: reported by load_state_dict itself
             if isinstance(value, Tensor) and value.numel() != self.num_features:
                 raise ValueError(
                     f"state dict entry '{prefix + name}' has shape {tuple(value.shape)} but this "

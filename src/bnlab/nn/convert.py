@@ -29,12 +29,14 @@ def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module
         momentum=module.momentum,
         affine=module.affine,
         track_running_stats=module.track_running_stats,
+        bias=getattr(module, "bias", None) is not None or not module.affine,
         **extra_kwargs,
     )
     with torch.no_grad():
         if module.affine:
             new.weight = module.weight
-            new.bias = module.bias
+            if module.bias is not None:
+                new.bias = module.bias
         if module.track_running_stats:
             new.running_mean = module.running_mean
             new.running_var = module.running_var

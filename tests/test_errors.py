@@ -1,0 +1,72 @@
+"""Bad input gets a clear error naming the problem and the fix."""
+
+import pytest
+import torch
+
+import bnlab.nn as bnn
+from bnlab import functional as F
+
+
+@pytest.mark.parametrize(
+    "make,x,exc,phrase",
+    [
+        (
+            lambda: bnn.BatchNorm1d(3),
+            torch.randn(1, 3),
+            ValueError,
+            "more than 1 value per channel",
+        ),
+        (lambda: bnn.BatchNorm2d(3), torch.randn(1, 3, 1, 1), ValueError, "more than 1 value"),
+        (lambda: bnn.BatchNorm2d(3), torch.randn(4, 3), ValueError, "expects 4-D"),
+        (lambda: bnn.BatchNorm1d(3), torch.randn(4, 3, 2, 2), ValueError, "use BatchNorm2d"),
+        (lambda: bnn.BatchNorm3d(3), torch.randn(4, 3, 2, 2), ValueError, "expects 5-D"),
+        (lambda: bnn.BatchNorm2d(3), torch.randn(4, 5, 2, 2), ValueError, "num_features=5"),
+        (lambda: bnn.BatchNorm1d(3), torch.ones(4, 3, dtype=torch.long), TypeError, "floating"),
+        (lambda: bnn.BatchNorm1d(3), [[1.0, 2.0, 3.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_module_input_errors(make, x, exc, phrase):
+    bn = make()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(exc, match=phrase):
+        bn(x)
+    for k, v in bn.state_dict().items():  # nothing half-updated
+        torch.testing.assert_close(v, before[k])
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    bn = bnn.BatchNorm1d(3).eval()
+    assert bn(torch.randn(1, 3)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,phrase",
+    [
+        ({"num_features": 0}, ValueError, "at least 1"),
+        ({"num_features": 2.5}, TypeError, "must be an int"),
+        ({"num_features": 3, "eps": -1e-5}, ValueError, "non-negative"),
+        ({"num_features": 3, "momentum": 1.5}, ValueError, r"\[0, 1\]"),
+        ({"num_features": 3, "momentum": -0.1}, ValueError, r"\[0, 1\]"),
+    ],
+)
+def test_constructor_errors(kwargs, exc, phrase):
+    with pytest.raises(exc, match=phrase):
+        bnn.BatchNorm2d(**kwargs)
+
+
+def test_state_dict_of_wrong_size():
+    state = bnn.BatchNorm2d(4).state_dict()
+    with pytest.raises(ValueError, match="num_features=4"):
+        bnn.BatchNorm2d(3).load_state_dict(state)
+
+
+def test_functional_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="3 channels"):
+        F.batch_norm(x, torch.zeros(2), torch.ones(2), training=True)
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        F.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        F.batch_norm(torch.randn(3), None, None, training=True)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.batch_norm(torch.ones(4, 3, dtype=torch.int32), None, None, training=True)

@@ -1,0 +1,63 @@
+"""Low-precision inputs against the float64 result, with stated tolerances."""
+
+import pytest
+import torch
+
+from bnlab import functional as F
+
+# (dtype, absolute tolerance on outputs of unit scale)
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)]
+
+
+def _reference(x, w, b):
+    return F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+
+
+# Large means only for float32: a 16-bit input cannot even represent N(1e4, 1) samples
+# distinctly (ulp(1e4) = 8 in float16, 64 in bfloat16).
+CASES = [(dt, tol, 0.0) for dt, tol in TOLERANCES] + [(torch.float32, 1e-5, 1e4)]
+
+
+@pytest.mark.parametrize("dtype,atol,mean", CASES)
+def test_outputs_and_statistics_close_to_float64(dtype, atol, mean):
+    x = (torch.randn(32, 8, 6, 6, dtype=torch.float64) + mean).to(dtype)
+    w = torch.rand(8) + 0.5
+    b = torch.randn(8)
+    y = F.batch_norm(x, None, None, w, b, training=True)
+    assert y.dtype == dtype
+    ref = _reference(x, w, b)  # float64 math on the same (rounded) input
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=0)
+    mu, var = F.compute_batch_stats(x)
+    assert mu.dtype == torch.float32  # 16-bit inputs accumulate in float32
+    mu_ref, var_ref = F.compute_batch_stats(x.double())
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
+
+
+def test_float32_variance_is_stable_for_large_mean():
+    """|mean| / std = 1e4: E[x^2] - E[x]^2 in float32 would lose every digit."""
+    x64 = torch.randn(4096, 4, dtype=torch.float64) + 1e4
+    _, var = F.compute_batch_stats(x64.float())
+    _, var_ref = F.compute_batch_stats(x64.float().double())
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
+    naive = (x64.float() ** 2).mean(0) - x64.float().mean(0) ** 2
+    assert (naive.double() - var_ref).abs().max() > 1e-2  # the naive formula really fails here
+
+
+@pytest.mark.parametrize("dtype,atol", TOLERANCES)
+def test_gradients_close_to_float64(dtype, atol):
+    x = torch.randn(64, 6, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.rand(6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    g = torch.randn(64, 6, dtype=torch.float64).to(dtype)
+    y = F.batch_norm(x, None, None, w, b, training=True)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    y64 = F.batch_norm(x64, None, None, w64, b64, training=True)
+    refs = torch.autograd.grad(y64, (x64, w64, b64), g.double())
+    assert grads[0].dtype == dtype
+    torch.testing.assert_close(grads[0].double(), refs[0], atol=atol, rtol=0)
+    scale = refs[1].abs().max().item() + refs[2].abs().max().item()
+    for a, r in zip(grads[1:], refs[1:]):
+        torch.testing.assert_close(a.double(), r, atol=atol * scale, rtol=0)
