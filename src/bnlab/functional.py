@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+# Inputs with at most this many elements take the fewer-ops paths (per-op overhead
+# dominates there); larger ones the fewer-passes paths.
+SMALL_INPUT = 1 << 16
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """The dimensions statistics are taken over: every dim but the channel dim 1."""
     return [0, *range(2, x.dim())]
@@ -124,12 +129,12 @@ def center(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dims = reduce_dims(x)
     m = num_values_per_channel(x)
     xc = x.to(compute_dtype(x.dtype))
-    mu_b = xc.mean(dims)
+    mu_b = xc.sum(dims) / m  # sum then divide: cheaper than mean() on small inputs
     x_mu = xc - channel_view(mu_b, x)
     # Corrected two-pass: the centered values' own mean c is the rounding error of
     # the first mean (large when |mean| >> std in float32). Remove it from x_mu, and
     # from the variance as sum(x_mu^2)/m - c^2, which is exact algebra.
-    c = x_mu.mean(dims)
+    c = x_mu.sum(dims) / m
     biased_var_b = (_sum_sq(x_mu, dims) / m - c.square()).clamp_min(0)
     c_view = channel_view(c, x)
     x_mu = x_mu.sub_(c_view) if _inplace_ok() else x_mu - c_view
@@ -207,7 +212,7 @@ def _scale_shift_(
     if bias is None:
         return x_mu.mul_(scale) if _inplace_ok() else x_mu * scale
     shift = channel_view(bias.to(scale.dtype), x_mu)
-    if _inplace_ok():
+    if _inplace_ok() and x_mu.numel() > SMALL_INPUT:
         return x_mu.mul_(scale).add_(shift)
     return torch.addcmul(shift, x_mu, scale)
 
