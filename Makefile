@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/bnlab verify
+	$(VENV)/bin/bnlab reproduce figure1
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -17,19 +17,24 @@ def mnist_mlp():
     """The paper's Section 4.1 network: 784-100-100-100-10 with sigmoids."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 100), nn.Sigmoid(),
-        nn.Linear(100, 100), nn.Sigmoid(),
-        nn.Linear(100, 100), nn.Sigmoid(),
+        nn.Linear(784, 100),
+        nn.Sigmoid(),
+        nn.Linear(100, 100),
+        nn.Sigmoid(),
+        nn.Linear(100, 100),
+        nn.Sigmoid(),
         nn.Linear(100, 10),
-    ).double()  # fmt: skip
+    ).double()
 
 
 def conv_net():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(),
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(8, 8, 3, groups=2), nn.Tanh()),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
-    ).double()  # fmt: skip
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    ).double()
 
 
 class ResidualBlock(nn.Module):
@@ -129,9 +134,11 @@ def _trained(net, shape, steps=5):
 
 @pytest.mark.parametrize(
     "make,shape",
-    [(lambda: bnlab.insert_batchnorm(mnist_mlp()), (16, 1, 28, 28)),
-     (lambda: bnlab.insert_batchnorm(conv_net()), (8, 3, 8, 8))],
-)  # fmt: skip
+    [
+        (lambda: bnlab.insert_batchnorm(mnist_mlp()), (16, 1, 28, 28)),
+        (lambda: bnlab.insert_batchnorm(conv_net()), (8, 3, 8, 8)),
+    ],
+)
 def test_population_stats_match_torch_cumulative_average_oracle(make, shape):
     net = _trained(make(), shape)
     batches = [torch.randn(*shape, dtype=torch.float64) for _ in range(6)]
@@ -257,15 +264,18 @@ def _warm(net, shape):
         (nn.Sequential(nn.Linear(5, 4), bnn.BatchNorm1d(4)), (6, 5), 0),
         (nn.Sequential(nn.Linear(5, 4, bias=False), nn.BatchNorm1d(4)), (6, 5), 0),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), (4, 3, 6, 6), 0),
-        (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, bias=False), bnn.BatchNorm2d(6)),
-         (4, 4, 6, 6), 0),
+        (
+            nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, bias=False), bnn.BatchNorm2d(6)),
+            (4, 4, 6, 6),
+            0,
+        ),
         (nn.Sequential(nn.Conv1d(3, 4, 3), bnn.BatchNorm1d(4)), (4, 3, 7), 0),
         (nn.Sequential(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3)), (3, 2, 4, 4, 4), 0),
         (nn.Sequential(nn.ReLU(), bnn.BatchNorm1d(5)), (6, 5), 1),
         (nn.Sequential(nn.Linear(5, 4), bnn.BatchNorm1d(4, affine=False)), (6, 5), 0),
         (bnn.BatchNorm2d(3), (4, 3, 2, 2), 1),
     ],
-)  # fmt: skip
+)
 def test_fold_equals_original_in_float64(net, shape, expect_affine):
     net = _warm(net.double(), shape)
     state = copy.deepcopy(net.state_dict())

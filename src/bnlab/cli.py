@@ -14,6 +14,8 @@ import sys
 
 # Modules that provide subcommands, in the order `bnlab --help` lists them.
 COMMAND_MODULES = [
+    "bnlab.commands.reproduce",
+    "bnlab.commands.data",
     "bnlab.verify",
 ]
 

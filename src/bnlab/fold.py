@@ -167,8 +167,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
-    training = [n or type(model).__name__ for n, m in model.named_modules()
-                if m.training and (is_batchnorm(m) or m is model)]  # fmt: skip
+    training = [
+        n or type(model).__name__
+        for n, m in model.named_modules()
+        if m.training and (is_batchnorm(m) or m is model)
+    ]
     if training:
         raise ValueError(
             f"fold_batchnorm needs a model in eval mode, but {training[:3]} are in training "

@@ -18,15 +18,57 @@ LINEAR_LAYERS: dict[type, type] = {
     nn.Conv3d: bnlab_bn.BatchNorm3d,
 }
 
+
+def batchnorm_class_for(layer: nn.Module) -> type | None:
+    """The BN class to follow ``layer``, or None if it is no Wu (+ b) layer.
+
+    Custom layers opt in with a class attribute ``batchnorm_class`` (and expose
+    ``out_features`` or ``out_channels`` and a ``bias`` that may be set to None).
+    """
+    return LINEAR_LAYERS.get(type(layer)) or getattr(type(layer), "batchnorm_class", None)
+
+
+def out_features_of(layer: nn.Module) -> int:
+    """Width of the layer's output along the channel dim 1."""
+    return layer.out_features if hasattr(layer, "out_features") else layer.out_channels
+
+
 NONLINEAR_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
-    nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SELU, nn.CELU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SELU,
+    nn.CELU,
     nn.PReLU,
-)  # fmt: skip
+)
 NONLINEAR_FUNCTIONS: tuple = (
-    TF.relu, torch.relu, TF.relu6, torch.sigmoid, TF.sigmoid, torch.tanh, TF.tanh, TF.gelu,
-    TF.silu, TF.elu, TF.leaky_relu, TF.softplus, TF.mish, TF.hardtanh, TF.hardswish, TF.selu,
-)  # fmt: skip
+    TF.relu,
+    torch.relu,
+    TF.relu6,
+    torch.sigmoid,
+    TF.sigmoid,
+    torch.tanh,
+    TF.tanh,
+    TF.gelu,
+    TF.silu,
+    TF.elu,
+    TF.leaky_relu,
+    TF.softplus,
+    TF.mish,
+    TF.hardtanh,
+    TF.hardswish,
+    TF.selu,
+)
 NONLINEAR_METHODS: tuple[str, ...] = ("relu", "sigmoid", "tanh")
 
 DEFAULT_NONLINEARITIES: tuple = NONLINEAR_MODULES + NONLINEAR_FUNCTIONS + NONLINEAR_METHODS

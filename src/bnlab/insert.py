@@ -15,11 +15,12 @@ from torch import fx, nn
 
 from bnlab.graph import (
     DEFAULT_NONLINEARITIES,
-    LINEAR_LAYERS,
+    batchnorm_class_for,
     calls_per_module,
     is_sequential_tree,
     matches_nonlinearity,
     module_of,
+    out_features_of,
     trace,
 )
 
@@ -41,10 +42,11 @@ class Insertion:
 
 
 def _make_bn(layer: nn.Module, momentum: float | None, eps: float) -> nn.Module:
-    bn_cls = LINEAR_LAYERS[type(layer)]
-    features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    bn_cls = batchnorm_class_for(layer)
     w = layer.weight
-    return bn_cls(features, eps=eps, momentum=momentum, device=w.device, dtype=w.dtype)
+    return bn_cls(
+        out_features_of(layer), eps=eps, momentum=momentum, device=w.device, dtype=w.dtype
+    )
 
 
 def _drop_bias(layer: nn.Module) -> bool:
@@ -80,7 +82,7 @@ def _insert_sequential(
         new_children.append(child)
         nxt = children[i + 1] if i + 1 < len(children) else None
         if (
-            type(child) in LINEAR_LAYERS
+            batchnorm_class_for(child) is not None
             and nxt is not None
             and _is_nonlinear_module(nxt, nonlinearities)
         ):
@@ -112,7 +114,7 @@ def _insert_fx(
             continue
         src = node.args[0]
         layer = module_of(src, gm) if isinstance(src, fx.Node) else None
-        if layer is None or type(layer) not in LINEAR_LAYERS:
+        if layer is None or batchnorm_class_for(layer) is None:
             continue
         if len(src.users) != 1 or calls[src.target] != 1:
             raise ValueError(
@@ -159,9 +161,11 @@ def insert_batchnorm(
     copy keeps its weights, so a BN network and its plain twin can start from
     the same initial weights.
 
-    Nested ``nn.Sequential`` models are rewritten directly (the result is an
-    ``nn.Sequential``); any other module is traced with ``torch.fx`` (residual
-    blocks, functional activations such as ``F.relu``), giving a GraphModule.
+    Custom layers take part by a ``batchnorm_class`` class attribute (see
+    :func:`bnlab.graph.batchnorm_class_for`). Nested ``nn.Sequential`` models are
+    rewritten directly (the result is an ``nn.Sequential``); any other module is
+    traced with ``torch.fx`` (residual blocks, functional activations such as
+    ``F.relu``), giving a GraphModule.
 
     Args:
         model: the network N.
@@ -214,10 +218,16 @@ def format_summary(insertions: list[Insertion]) -> str:
         return "no BN layers inserted"
     rows = [("layer", "BN inserted", "type", "features", "before", "bias dropped")]
     rows += [
-        (i.layer, i.batchnorm, i.bn_type, str(i.num_features), i.nonlinearity,
-         "yes" if i.bias_dropped else "no (had none)")
+        (
+            i.layer,
+            i.batchnorm,
+            i.bn_type,
+            str(i.num_features),
+            i.nonlinearity,
+            "yes" if i.bias_dropped else "no (had none)",
+        )
         for i in insertions
-    ]  # fmt: skip
+    ]
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

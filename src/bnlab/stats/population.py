@@ -184,8 +184,15 @@ def recompute_population_stats(
     keep = compute_stderr or tol is not None
     accs = {m: _Accumulator(n, keep) for n, m in bns}
     modes = {m: m.training for m in model.modules()}
-    saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(),
-                 m.num_batches_tracked.clone()) for _, m in bns}  # fmt: skip
+    saved = {
+        m: (
+            m.momentum,
+            m.running_mean.clone(),
+            m.running_var.clone(),
+            m.num_batches_tracked.clone(),
+        )
+        for _, m in bns
+    }
     hooks = [m.register_forward_pre_hook(lambda mod, args: accs[mod].add(args[0])) for _, m in bns]
     total = num_batches
     if total is None and hasattr(batches, "__len__"):
@@ -200,8 +207,13 @@ def recompute_population_stats(
         for _, m in bns:
             m.train()
             m.momentum = 0.0  # batch statistics are used but running ones stay put
-        bar = tqdm(total=total, desc="population statistics", unit="batch",
-                   disable=not (progress and sys.stderr.isatty()), leave=False)  # fmt: skip
+        bar = tqdm(
+            total=total,
+            desc="population statistics",
+            unit="batch",
+            disable=not (progress and sys.stderr.isatty()),
+            leave=False,
+        )
         with torch.no_grad(), bar:
             for batch in batches:
                 if num_batches is not None and seen >= num_batches:

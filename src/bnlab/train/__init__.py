@@ -1,0 +1,1 @@
+"""Training utilities: deterministic batch order, atomic checkpoints, JSON-lines logs."""
