@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "bnlab.commands.reproduce",
     "bnlab.commands.data",
+    "bnlab.commands.ddp",
     "bnlab.verify",
 ]
 

@@ -33,6 +33,10 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from bnlab.train.schedule import BatchSchedule
+
+__all__ = ["BatchSchedule", "Figure1Config", "build_arm_model", "run_figure1", "validate"]
+
 ARMS = ("baseline", "bn")
 FULL_STEPS = 50_000
 PACKAGED_STEPS = 10_000
@@ -110,35 +114,6 @@ def validate(cfg: Figure1Config) -> None:
 
 
 # ---------------------------------------------------------------- one arm
-
-
-class BatchSchedule:
-    """Stateless, seeded batch order: the indices of any step can be recomputed.
-
-    Each epoch is a permutation drawn from (seed, epoch); the last partial batch
-    of an epoch is dropped. Both arms use the same schedule, so they see the same
-    examples in the same order; resuming needs no RNG state.
-    """
-
-    def __init__(self, n: int, batch_size: int, seeds: list[int]):
-        self.n, self.b, self.seeds = n, batch_size, seeds
-        self.per_epoch = n // batch_size
-        self._epoch, self._perms = -1, None
-
-    def indices(self, step: int) -> Tensor:
-        """(batch_size, S) example indices of ``step`` for every seed."""
-        epoch, pos = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._perms = torch.stack(
-                [
-                    torch.randperm(
-                        self.n, generator=torch.Generator().manual_seed(1_000_003 * s + epoch)
-                    )
-                    for s in self.seeds
-                ]
-            )
-            self._epoch = epoch
-        return self._perms[:, pos * self.b : (pos + 1) * self.b].t().contiguous()
 
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, unit: int, seeds: int) -> dict:

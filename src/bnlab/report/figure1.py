@@ -343,8 +343,11 @@ def _markdown(summary, config, env, data_desc) -> str:
 
 def _html(md: str, png: bytes) -> str:
     """A self-contained HTML page from our small Markdown subset, figure embedded."""
-    body, in_table = [], False
+    body, in_table, in_list = [], False, False
     for line in md.splitlines():
+        if in_list and not line.startswith("- "):
+            body.append("</ul>")
+            in_list = False
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if all(set(c) <= {"-"} for c in cells):
@@ -368,11 +371,16 @@ def _html(md: str, png: bytes) -> str:
         elif line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("- "):
+            if not in_list:
+                body.append("<ul>")
+                in_list = True
             body.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
     if in_table:
         body.append("</table>")
+    if in_list:
+        body.append("</ul>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
         "line-height:1.45;color:#222}img{max-width:100%}table{border-collapse:collapse;"

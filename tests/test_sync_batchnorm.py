@@ -1,0 +1,178 @@
+"""SyncBatchNorm and DDP training on 2 gloo processes, against single-process BN."""
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import bnlab.nn as bnn
+from bnlab.distributed import DistInfo, prepare_model, shard, train_distributed
+from bnlab.nn.sync import CollectiveError
+
+
+def _init(rank, world, path, timeout=60):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{path}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout),
+    )
+
+
+def _check_sync_vs_single(rank, shape_per_rank, gen_seed):
+    """Each rank holds its slice; compare with local single-process BN on the whole batch."""
+    sizes = shape_per_rank[0]
+    rest = shape_per_rank[1]
+    c = rest[0]
+    gen = torch.Generator().manual_seed(gen_seed)
+    full = torch.randn(sum(sizes), *rest, generator=gen, dtype=torch.float64) * 2 + 3
+    grad = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+    w0 = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    b0 = torch.randn(c, generator=gen, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    part = slice(start, start + sizes[rank])
+
+    # Oracle: PyTorch's own batch_norm on the concatenated batch, in one process.
+    ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ref_rm, ref_rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    sync = bnn.SyncBatchNorm(c, momentum=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        sync.weight.copy_(w0)
+        sync.bias.copy_(b0)
+    for _ in range(2):  # two steps: running statistics too
+        xr = full.clone().requires_grad_()
+        yr = torch.nn.functional.batch_norm(xr, ref_rm, ref_rv, ref_w, ref_b, True, 0.3)
+        yr.backward(grad)
+        xs = full[part].clone().requires_grad_()
+        ys = sync(xs)
+        ys.backward(grad[part])
+        torch.testing.assert_close(ys, yr[part], rtol=0, atol=1e-12)
+        torch.testing.assert_close(xs.grad, xr.grad[part], rtol=0, atol=1e-12)
+        gw, gb = sync.weight.grad.clone(), sync.bias.grad.clone()
+        dist.all_reduce(gw)
+        dist.all_reduce(gb)
+        torch.testing.assert_close(gw, ref_w.grad, rtol=0, atol=1e-11)
+        torch.testing.assert_close(gb, ref_b.grad, rtol=0, atol=1e-11)
+        sync.weight.grad = sync.bias.grad = ref_w.grad = ref_b.grad = None
+    torch.testing.assert_close(sync.running_mean, ref_rm, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sync.running_var, ref_rv, rtol=0, atol=1e-12)
+    assert sync.num_batches_tracked.item() == 2
+    return sync
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8, bias=False), bnn.BatchNorm1d(8), nn.Sigmoid(), nn.Linear(8, 3)
+    ).double()
+
+
+def _worker(rank, path, results):
+    try:
+        _init(rank, 2, path)
+        _check_sync_vs_single(rank, ((3, 5), (4, 3, 2)), 0)  # 3-D, unequal 3 + 5
+        _check_sync_vs_single(rank, ((3, 5), (4, 2, 3, 2)), 1)  # 4-D
+        _check_sync_vs_single(rank, ((3, 5), (4,)), 2)  # 2-D
+        _check_sync_vs_single(rank, ((3, 5), (2, 2, 2, 3)), 3)  # 5-D
+        sync = _check_sync_vs_single(rank, ((0, 8), (4, 3)), 4)  # rank 0 has an empty batch
+        # eval mode is local: no collective (rank 1 would hang otherwise), running stats used
+        sync.eval()
+        if rank == 0:
+            x = torch.randn(5, 4, 3, dtype=torch.float64)
+            ref = (x - sync.running_mean[:, None]) / torch.sqrt(sync.running_var[:, None] + 1e-5)
+            torch.testing.assert_close(sync(x), ref * sync.weight[:, None] + sync.bias[:, None])
+        dist.barrier()
+        # DDP training on 2 processes equals single-process training on the whole batch
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (64,), generator=gen)
+        single = train_distributed(_mlp(), x, y, info=DistInfo(), steps=4, batch_size=9, lr=0.5)
+        info = DistInfo(rank=rank, world_size=2)
+        ddp = prepare_model(_mlp(), info, stats="sync")
+        assert any(isinstance(m, bnn.SyncBatchNorm) for m in ddp.modules())
+        ddp = train_distributed(ddp, x, y, info=info, steps=4, batch_size=9, lr=0.5)  # 5 + 4
+        for a, b in zip(ddp.module.parameters(), single.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for a, b in zip(ddp.module.buffers(), single.buffers()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        results.put((rank, "ok"))
+    except BaseException as e:  # report to the parent instead of hanging the other rank
+        import traceback
+
+        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(fn, *args):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=fn, args=(r, path, results, *args)) for r in range(2)]
+        for p in procs:
+            p.start()
+        out = dict(results.get(timeout=240) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+    return out
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_and_ddp_on_two_gloo_processes():
+    out = _spawn(_worker)
+    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+
+
+def _stall_worker(rank, path, results):
+    try:
+        _init(rank, 2, path, timeout=3)
+        bn = bnn.SyncBatchNorm(3)
+        if rank == 1:
+            time.sleep(8)  # never joins the collective within the timeout
+            results.put((rank, "slept"))
+            return
+        t0 = time.time()
+        try:
+            bn(torch.randn(4, 3))
+            results.put((rank, "no error"))
+        except CollectiveError as e:
+            ok = "did not complete" in str(e) and "timeout" in str(e) and time.time() - t0 < 30
+            results.put((rank, "timeout error" if ok else f"unclear: {e}"))
+    except BaseException as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.slow
+def test_a_stalled_peer_gives_a_clear_timeout_error():
+    out = _spawn(_stall_worker)
+    assert out == {0: "timeout error", 1: "slept"}, out
+
+
+def test_local_fallback_and_converters():
+    sync = bnn.SyncBatchNorm(4, dtype=torch.float64)
+    ref = bnn.BatchNorm2d(4, dtype=torch.float64)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(sync(x), ref(x))  # not distributed: plain BN
+    torch.testing.assert_close(sync.running_var, ref.running_var)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), bnn.BatchNorm1d(2))
+    model[1].running_mean.fill_(0.5)
+    conv = bnn.convert_sync_batchnorm(model)
+    assert isinstance(conv[1], bnn.SyncBatchNorm) and isinstance(conv[2], bnn.SyncBatchNorm)
+    torch.testing.assert_close(conv[1].running_mean, torch.full((4,), 0.5))
+    back = bnn.revert_sync_batchnorm(conv)
+    assert type(back[1]) is nn.BatchNorm2d and type(back[2]) is bnn.BatchNorm1d
+    with pytest.raises(ValueError, match="pass cls="):
+        bnn.revert_sync_batchnorm(bnn.SyncBatchNorm(3))
+    assert type(bnn.revert_sync_batchnorm(bnn.SyncBatchNorm(3), bnn.BatchNorm1d)) is bnn.BatchNorm1d
+    assert [shard(9, r, 2) for r in range(2)] == [slice(0, 5), slice(5, 9)]
+    with pytest.raises(ValueError, match="expects 2-D to 5-D"):
+        sync(torch.randn(4))
