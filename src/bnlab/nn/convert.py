@@ -7,7 +7,7 @@ from torch import nn
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["replace_batchnorm", "revert_batchnorm", "swap_module_class"]
+__all__ = ["map_modules", "replace_batchnorm", "revert_batchnorm", "swap_module_class"]
 
 _TO_BNLAB: dict[type, type] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -47,15 +47,28 @@ def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module
     return new
 
 
-def _convert(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
-    cls = mapping.get(type(module))
-    if cls is not None:
-        return swap_module_class(module, cls)
+def map_modules(module: nn.Module, fn) -> nn.Module:
+    """Replace, top-down, each module for which ``fn(module)`` returns a new one.
+
+    Children are replaced in place (their subtrees are not visited further); the
+    possibly new root is returned.
+    """
+    new = fn(module)
+    if new is not None:
+        return new
     for name, child in module.named_children():
-        new_child = _convert(child, mapping)
+        new_child = map_modules(child, fn)
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+def _convert(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
+    def swap(m: nn.Module) -> nn.Module | None:
+        cls = mapping.get(type(m))
+        return None if cls is None else swap_module_class(m, cls)
+
+    return map_modules(module, swap)
 
 
 def replace_batchnorm(module: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from bnlab.nn.convert import swap_module_class
+from bnlab.nn.convert import map_modules, swap_module_class
 
 __all__ = [
     "CollectiveError",
@@ -185,15 +185,15 @@ _BN_TYPES = (
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Replace every BN (bnlab's or PyTorch's, incl. torch's SyncBatchNorm) by bnlab's
     SyncBatchNorm, sharing parameters and buffers; children in place, root returned."""
-    if type(module) in _BN_TYPES:
-        new = swap_module_class(module, SyncBatchNorm, process_group=process_group)
-        new._revert_class = type(module)
+
+    def to_sync(m: nn.Module) -> nn.Module | None:
+        if type(m) not in _BN_TYPES:
+            return None
+        new = swap_module_class(m, SyncBatchNorm, process_group=process_group)
+        new._revert_class = type(m)
         return new
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, process_group)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+
+    return map_modules(module, to_sync)
 
 
 def revert_sync_batchnorm(module: nn.Module, cls: type | None = None) -> nn.Module:
@@ -205,19 +205,17 @@ def revert_sync_batchnorm(module: nn.Module, cls: type | None = None) -> nn.Modu
     Raises:
         ValueError: a SyncBatchNorm of unknown origin and no ``cls`` given.
     """
-    if isinstance(module, SyncBatchNorm):
-        target = module._revert_class or cls
+
+    def to_local(m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, SyncBatchNorm):
+            return None
+        target = m._revert_class or cls
         if target is None:
             raise ValueError(
                 "revert_sync_batchnorm: this SyncBatchNorm was not made by "
                 "convert_sync_batchnorm, so its original class is unknown; pass cls="
                 "bnlab.nn.BatchNorm1d/2d/3d"
             )
-        if target is nn.SyncBatchNorm:
-            target = cls or BatchNorm2d
-        return swap_module_class(module, target)
-    for name, child in module.named_children():
-        new_child = revert_sync_batchnorm(child, cls)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+        return swap_module_class(m, target)
+
+    return map_modules(module, to_local)
