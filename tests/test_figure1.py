@@ -216,3 +216,28 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     p = _bnlab(*args, "--resume", "--out", str(run))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     assert _metrics(run) == _metrics(ref)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    """Under torchrun the arms train data-parallel (DDP + SyncBatchNorm) and give the same
+    records as one process, up to float32 reduction order."""
+    args = ["reproduce", "figure1", "--steps", "200", "--seeds", "2", "--eval-every", "100",
+            "--quiet"]  # fmt: skip
+    single = tmp_path / "single"
+    assert main([*args, "--out", str(single)]) == 0
+    ddp = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "bnlab.cli", *args, "--out", str(ddp)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [r for r in _metrics(ddp) if r["kind"] == "eval"]
+    b = [r for r in _metrics(single) if r["kind"] == "eval"]
+    assert [(r["arm"], r["step"]) for r in a] == [(r["arm"], r["step"]) for r in b]
+    for x, y in zip(a, b):
+        if x["train_loss"] is not None:
+            assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert x["test_acc"] == pytest.approx(y["test_acc"], abs=0.003)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ def _run_figure1(args: argparse.Namespace) -> int:
         unit=args.unit,
         device=args.device,
     )
+    if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("bnlab reproduce figure1: error: under torchrun pass --out DIR, so that every "
+              "process writes to the same run folder", file=sys.stderr)
+        return 2
     out = Path(args.out or Path("runs") / "figure1" / time.strftime("%Y%m%d-%H%M%S"))
     log = (lambda *a, **k: None) if args.quiet else print
     try:
@@ -52,6 +57,8 @@ def _run_figure1(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # a worker failed; its traceback is in OUT/work/<arm>.error
         print(f"bnlab reproduce figure1: {e}", file=sys.stderr)
         return 1
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
     if not args.quiet:
         f = lambda d: f"{100 * d['mean']:.2f}% ± {100 * d['std']:.2f} (n={d['n']})"  # noqa: E731

@@ -165,13 +165,26 @@ def train_arm(
     threads: int,
     progress: bool,
     position: int = 0,
+    info=None,
 ) -> None:
-    """Train every seed of one arm, logging to out/work/<arm>.jsonl, checkpointing."""
+    """Train every seed of one arm, logging to out/work/<arm>.jsonl, checkpointing.
+
+    With ``info`` (a :class:`bnlab.distributed.DistInfo` of several processes, as
+    under torchrun) every process takes its slice of each global mini-batch, BN
+    statistics are global (SyncBatchNorm) and gradients are averaged by DDP;
+    rank 0 alone evaluates, logs and checkpoints.
+    """
+    import torch.distributed as dist
+
     from bnlab.data import load_mnist
+    from bnlab.distributed import DistInfo, prepare_model, shard
+    from bnlab.nn.sync import revert_sync_batchnorm
     from bnlab.stats.population import recompute_population_stats
     from bnlab.train.io import atomic_write_text, load_checkpoint, read_jsonl, save_checkpoint
 
     torch.set_num_threads(threads)
+    info = info or DistInfo()
+    main, world = info.is_main, info.world_size
     parent = os.getppid()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -193,9 +206,12 @@ def train_arm(
         if state.get("done"):
             return
         kept = [r for r in read_jsonl(log_path) if r.get("kind") == "eval" and r["step"] <= start]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-    else:
+        if main:
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif main:
         log_path.unlink(missing_ok=True)
+    net = prepare_model(model, info, stats="sync")  # DDP + SyncBatchNorm when world > 1
+    part = shard(cfg.batch_size, info.rank, world)
 
     def log_eval(step: int, train_loss: float | None) -> None:
         ev = _evaluate(model, x_test, y_test, cfg.unit, cfg.seeds)
@@ -203,7 +219,7 @@ def train_arm(
             log_path, [{"kind": "eval", "arm": arm, "step": step, "train_loss": train_loss, **ev}]
         )
 
-    if start == 0:
+    if start == 0 and main:
         log_eval(0, None)
     from tqdm.auto import tqdm
 
@@ -215,19 +231,20 @@ def train_arm(
         unit="step",
         mininterval=1.0,
         leave=True,
-        disable=not (progress and sys.stderr.isatty()),
+        disable=not (progress and main and sys.stderr.isatty()),
     )
     loss_sum, loss_n = torch.zeros((), device=dev), 0
     s_count = cfg.seeds
     last_ckpt = start
     with bar:
         for step in range(start, cfg.steps):
-            idx = schedule.indices(step).to(dev)  # (B, S)
-            xb = x_train[idx].view(cfg.batch_size, -1)  # (B, S*784): seed k's batch in block k
+            idx = schedule.indices(step)[part].to(dev)  # (b, S): this process's rows
+            xb = x_train[idx].view(len(idx), -1)  # (b, S*784): seed k's batch in block k
             yb = y_train[idx].view(-1)
-            logits = model(xb).view(-1, 10)
-            # Sum over seeds of each seed's mean loss: every copy gets its own gradient.
-            loss = TF.cross_entropy(logits, yb) * s_count
+            logits = net(xb).view(-1, 10)
+            # Sum over seeds of each seed's mean loss over the global batch (every copy
+            # gets its own gradient), times world because DDP averages over processes.
+            loss = TF.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -235,22 +252,32 @@ def train_arm(
             loss_n += 1
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                log_eval(done, (loss_sum / (loss_n * s_count)).item())
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                if main:
+                    log_eval(done, (loss_sum / (loss_n * s_count)).item())
                 loss_sum.zero_()
                 loss_n = 0
                 bar.update(done - bar.n)
-                if os.getppid() != parent:  # the launcher died: do not run on orphaned
+                if world == 1 and os.getppid() != parent:  # launcher died: stop, not orphaned
                     return
                 # Checkpoint only right after an evaluation, so a resumed run's loss
                 # windows and records line up exactly with an uninterrupted run's.
                 if done // cfg.checkpoint_every > last_ckpt // cfg.checkpoint_every and (
-                    done < cfg.steps
+                    done < cfg.steps and main
                 ):
                     save_checkpoint(
                         ckpt_path,
                         {"step": done, "model": model.state_dict(), "optimizer": opt.state_dict()},
                     )
                     last_ckpt = done
+    if not main:
+        return
+    if world > 1:  # population statistics on rank 0 alone: local BN on a copy
+        import copy
+
+        model = revert_sync_batchnorm(copy.deepcopy(model))
     final = {
         "kind": "final",
         "arm": arm,
@@ -373,11 +400,21 @@ def run_figure1(
 ) -> dict:
     """Run (or resume) the Figure 1 experiment in ``out`` and build its report.
 
+    Launched under ``torchrun`` with several processes, the arms train one after
+    the other, each data-parallel over all processes (DDP with SyncBatchNorm);
+    rank 0 writes every file. Otherwise the two arms run in ``workers`` processes.
+
     Returns:
-        The summary (as written to ``out/summary.json``).
+        The summary (as written to ``out/summary.json``); None on ranks other than 0.
     """
+    import torch.distributed as dist
+
+    from bnlab.distributed import init_distributed
     from bnlab.report.figure1 import build_report
     from bnlab.train.io import read_jsonl, write_json
+
+    info = init_distributed()  # a single process unless torchrun started us
+    main, world = info.is_main, info.world_size
 
     validate(cfg)
     if cfg.data is not None:
@@ -385,27 +422,40 @@ def run_figure1(
 
         load_mnist_dir(cfg.data)  # fail fast, before any output, on missing/corrupt files
     out = Path(out)
-    resuming = prepare_out_dir(out, cfg, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    resuming = prepare_out_dir(out, cfg, resume)  # every rank checks before rank 0 writes
+    if world > 1:
+        dist.barrier()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if main and not resuming:
         write_json(
             out / "config.json", {"experiment": "figure1", "config": dataclasses.asdict(cfg)}
         )
         write_json(out / "env.json", _env())
-    (out / "work").mkdir(exist_ok=True)
-    for arm in ARMS:
-        (out / "work" / f"{arm}.error").unlink(missing_ok=True)
+        (out / "work").mkdir(exist_ok=True)
+        for arm in ARMS:
+            (out / "work" / f"{arm}.error").unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
     cores = os.cpu_count() or 1
-    workers = max(1, min(workers, len(ARMS)))
+    workers = 1 if world > 1 else max(1, min(workers, len(ARMS)))
     threads = max(1, cores // workers)
-    log(
-        f"figure1: {cfg.seeds} seed(s) x {len(ARMS)} arms x {cfg.steps} steps, "
-        f"{workers} worker(s) x {threads} thread(s), output in {out}"
-    )
+    if world > 1:
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if main:
+        how = (
+            f"{world} data-parallel processes (DDP, SyncBatchNorm)"
+            if world > 1
+            else f"{workers} worker(s)"
+        )
+        log(
+            f"figure1: {cfg.seeds} seed(s) x {len(ARMS)} arms x {cfg.steps} steps, {how} x "
+            f"{threads} thread(s), output in {out}"
+        )
     t0 = time.perf_counter()
     if workers == 1 or cfg.device == "cuda":
         for i, arm in enumerate(ARMS):
-            train_arm(arm, cfg, out, resuming, threads, progress, i)
+            train_arm(arm, cfg, out, resuming, threads, progress, i, info)
     else:
         ctx = mp.get_context("spawn")
         procs = [
@@ -430,6 +480,8 @@ def run_figure1(
                 + f" (details in {out / 'work'}); fix it and rerun with --resume"
             )
     elapsed = time.perf_counter() - t0
+    if not main:
+        return None
     records = [r for arm in ARMS for r in read_jsonl(out / "work" / f"{arm}.jsonl")]
     from bnlab.train.io import atomic_write_text
 
