@@ -116,14 +116,27 @@ def test_packaged_subset_comes_from_the_official_training_split():
 
 
 class _Server:
-    """Serves a folder on 127.0.0.1 with Range support; counts requests."""
+    """Serves a folder on 127.0.0.1, honouring "Range: bytes=N-"; counts bytes sent."""
 
     def __init__(self, root: Path):
-        root = str(root)
+        root = Path(root)
+        server = self
+        self.bytes_sent = 0
 
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **k):
-                super().__init__(*a, directory=root, **k)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                rng = self.headers.get("Range", "")
+                start = int(rng[6:-1]) if rng.startswith("bytes=") and rng.endswith("-") else 0
+                server.bytes_sent += len(data) - start  # before sending: no race with the reader
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
 
             def log_message(self, *a):
                 pass
@@ -185,6 +198,21 @@ def test_download_falls_back_from_a_corrupt_mirror_over_a_stale_partial_file(tmp
         )
     assert (target / name).read_bytes() == good
     assert not list(target.glob("*.part"))
+
+
+def test_download_resumes_a_partial_file(tmp_path, monkeypatch):
+    served = _fake_official(tmp_path, monkeypatch)
+    target = tmp_path / "target"
+    target.mkdir()
+    name = "train-images-idx3-ubyte.gz"
+    good = (served / name).read_bytes()
+    (target / f"{name}.part").write_bytes(good[:100])
+    total = sum(f.stat().st_size for f in served.iterdir())
+    with _Server(served) as srv:
+        download_mnist(target, mirrors=[srv.url], progress=False, log=lambda *a: None)
+        sent = srv.bytes_sent
+    assert (target / name).read_bytes() == good
+    assert sent == total - 100  # only the missing part of the partial file was fetched
 
 
 def test_download_failure_leaves_no_file(tmp_path, monkeypatch):

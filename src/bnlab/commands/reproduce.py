@@ -40,16 +40,26 @@ def _run_figure1(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         unit=args.unit,
         device=args.device,
+        bn_stats=args.bn_stats,
     )
     if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("bnlab reproduce figure1: error: under torchrun pass --out DIR, so that every "
-              "process writes to the same run folder", file=sys.stderr)
+        print(
+            "bnlab reproduce figure1: error: under torchrun pass --out DIR, so that every "
+            "process writes to the same run folder",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out or Path("runs") / "figure1" / time.strftime("%Y%m%d-%H%M%S"))
     log = (lambda *a, **k: None) if args.quiet else print
     try:
         summary = run_figure1(
-            cfg, out, resume=args.resume, workers=args.workers, progress=not args.quiet, log=log
+            cfg,
+            out,
+            resume=args.resume,
+            workers=args.workers,
+            progress=not args.quiet,
+            log=log,
+            timeout=args.timeout,
         )
     except (ValueError, MNISTDataError, CheckpointError) as e:
         print(f"bnlab reproduce figure1: error: {e}", file=sys.stderr)
@@ -145,6 +155,19 @@ def add_parser(subparsers) -> None:
         help="index of the last-hidden-layer sigmoid tracked in Figure 1(b, c)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--bn-stats",
+        choices=["sync", "ghost"],
+        default="sync",
+        help="under torchrun: BN statistics of the global batch (SyncBatchNorm) or of each "
+        "process's slice (ghost batch norm)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="under torchrun: seconds a collective waits for a dead or stalled peer",
+    )
     p.add_argument(
         "--workers",
         type=_positive_int,

@@ -59,6 +59,7 @@ class Figure1Config:
     population_batches: int = 100  # training batches for the final population statistics
     thresholds: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.97])
     device: str = "cpu"
+    bn_stats: str = "sync"  # under torchrun: global batch statistics, or per-process "ghost"
 
     # Keys that define the experiment: a run directory only resumes the same ones.
     IDENTITY = (
@@ -73,6 +74,7 @@ class Figure1Config:
         "unit",
         "population_batches",
         "thresholds",
+        "bn_stats",
     )
 
     def identity(self) -> dict:
@@ -105,6 +107,10 @@ def validate(cfg: Figure1Config) -> None:
             f"--population-batches must be at least 1, got {cfg.population_batches}",
         ),
         (cfg.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {cfg.device!r}"),
+        (
+            cfg.bn_stats in ("sync", "ghost"),
+            f"--bn-stats must be sync or ghost, got {cfg.bn_stats!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -210,7 +216,7 @@ def train_arm(
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif main:
         log_path.unlink(missing_ok=True)
-    net = prepare_model(model, info, stats="sync")  # DDP + SyncBatchNorm when world > 1
+    net = prepare_model(model, info, stats=cfg.bn_stats)  # DDP (+ SyncBatchNorm) if world > 1
     part = shard(cfg.batch_size, info.rank, world)
 
     def log_eval(step: int, train_loss: float | None) -> None:
@@ -397,6 +403,7 @@ def run_figure1(
     workers: int = 2,
     progress: bool = True,
     log=print,
+    timeout: float = 300.0,
 ) -> dict:
     """Run (or resume) the Figure 1 experiment in ``out`` and build its report.
 
@@ -413,7 +420,7 @@ def run_figure1(
     from bnlab.report.figure1 import build_report
     from bnlab.train.io import read_jsonl, write_json
 
-    info = init_distributed()  # a single process unless torchrun started us
+    info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
     main, world = info.is_main, info.world_size
 
     validate(cfg)
@@ -452,6 +459,9 @@ def run_figure1(
             f"figure1: {cfg.seeds} seed(s) x {len(ARMS)} arms x {cfg.steps} steps, {how} x "
             f"{threads} thread(s), output in {out}"
         )
+        from bnlab.insert import format_summary, insertion_summary
+
+        log("BN arm: " + format_summary(insertion_summary(build_arm_model("bn", cfg))))
     t0 = time.perf_counter()
     if workers == 1 or cfg.device == "cuda":
         for i, arm in enumerate(ARMS):
