@@ -2,51 +2,79 @@
 
 Fine-tuning with small batches usually wants BN frozen at its population
 statistics (Algorithm 2, step 11), but ``model.train()`` switches every BN back
-to batch statistics. A frozen BN ignores that switch.
+to batch statistics and moving-average updates. A frozen BN ignores that switch:
+it keeps normalizing with E[x] and Var[x] and never updates them.
 """
 
 from __future__ import annotations
-
-import types
 
 from torch import nn
 
 from bnlab.graph import is_batchnorm
 
-__all__ = ["freeze_batchnorm", "unfreeze_batchnorm"]
+__all__ = ["freeze_batchnorm", "is_frozen", "unfreeze_batchnorm"]
 
 _FLAG = "_bnlab_frozen"
 
 
-def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
+class _StayInEval:
+    """Replaces a frozen BN's ``train``: any mode request leaves it in eval mode.
+
+    A module-level class (not a closure) so frozen models still deep-copy and pickle.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        return nn.Module.train(self.module, False)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether :func:`freeze_batchnorm` froze this BN layer."""
+    return hasattr(module, _FLAG)
 
 
 def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
     """Freeze every BN layer of ``model`` in inference mode, in place.
 
-    Frozen layers normalize with their running statistics and never update them,
-    even after ``model.train()``. gamma and beta are frozen too unless
-    ``train_affine=True``, in which case they still receive gradients.
+    Frozen layers normalize with their running statistics (the fixed affine map
+    of Algorithm 2, step 11) and never update them, even after ``model.train()``.
+    gamma and beta get ``requires_grad=False`` too, unless ``train_affine=True``:
+    then they (and nothing else of the BN: the running statistics are buffers
+    that stay fixed) still receive gradients. Other layers are not touched.
+    Freezing twice is harmless; :func:`unfreeze_batchnorm` restores the
+    ``requires_grad`` flags from before the first freeze.
 
     Args:
         model: the network; modified in place and returned.
         train_affine: keep gamma and beta trainable.
 
+    Returns:
+        ``model``.
+
     Raises:
+        TypeError: ``model`` is not an nn.Module.
         ValueError: the model has no BN layer with running statistics.
+
+    Example:
+        >>> freeze_batchnorm(bn_net, train_affine=True)
+        >>> bn_net.train()            # Linear/Dropout train; BN stays in eval mode
     """
-    bns = [m for m in model.modules() if is_batchnorm(m)]
-    if not any(m.track_running_stats for m in bns):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze_batchnorm expects an nn.Module, got {type(model).__name__}")
+    bns = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
+    if not bns:
         raise ValueError(
-            f"{type(model).__name__} has no BN layer with running statistics to freeze"
+            f"{type(model).__name__} has no BN layer with running statistics to freeze "
+            "(BN with track_running_stats=False always uses batch statistics)"
         )
     for m in bns:
-        if not m.track_running_stats:
-            continue  # no population statistics: freezing would change nothing
-        if not getattr(m, _FLAG, False):
+        if not is_frozen(m):
             setattr(m, _FLAG, {n: p.requires_grad for n, p in m.named_parameters()})
-        m.train = types.MethodType(_stay_in_eval, m)
+        m.train = _StayInEval(m)
         nn.Module.train(m, False)
         for p in m.parameters():
             p.requires_grad_(train_affine)
@@ -54,15 +82,20 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
 
 
 def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Undo :func:`freeze_batchnorm`: BN layers follow ``.train()`` again, in place.
+    """Undo :func:`freeze_batchnorm`, in place: BN layers follow ``.train()`` again.
 
-    Each layer takes the mode of the model and the parameters get back the
-    ``requires_grad`` they had before freezing.
+    Each unfrozen layer takes the mode of ``model`` and its gamma and beta get back
+    the ``requires_grad`` they had before freezing. Layers never frozen are untouched.
+
+    Returns:
+        ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfreeze_batchnorm expects an nn.Module, got {type(model).__name__}")
     for m in model.modules():
-        saved = getattr(m, _FLAG, None)
-        if not saved:
+        if not is_frozen(m):
             continue
+        saved = getattr(m, _FLAG)
         del m.train  # the class's train() again
         for n, p in m.named_parameters():
             p.requires_grad_(saved.get(n, True))

@@ -80,11 +80,11 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 def is_sequential_tree(module: nn.Module) -> bool:
-    """True when every container in ``module`` is an nn.Sequential (no custom forward)."""
+    """Every container is an nn.Sequential, so execution order is the child order."""
     children = list(module.children())
     if not children:
-        return True
-    return isinstance(module, nn.Sequential) and all(is_sequential_tree(c) for c in children)
+        return not isinstance(module, nn.ModuleList | nn.ModuleDict)
+    return type(module) is nn.Sequential and all(is_sequential_tree(c) for c in children)
 
 
 class _Tracer(fx.Tracer):
@@ -94,18 +94,68 @@ class _Tracer(fx.Tracer):
         return is_batchnorm(m) or super().is_leaf_module(m, qualname)
 
 
+class _LocatingTracer(_Tracer):
+    """bnlab's tracer that remembers which submodule was being traced when it failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m) if m is not self.root else ""
+        self._stack.append(f"'{name}' ({type(m).__name__})" if name else type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self._stack)
+            raise
+        finally:
+            self._stack.pop()
+
+
 def trace(model: nn.Module, purpose: str) -> fx.GraphModule:
-    """Symbolically trace ``model``, with a clear error when it cannot be traced."""
+    """Symbolically trace ``model`` with torch.fx, BN modules kept as leaves.
+
+    Args:
+        model: the module to trace.
+        purpose: the caller's name, for the error message.
+
+    Returns:
+        A GraphModule with ``model``'s submodules, parameters, buffers and mode.
+
+    Raises:
+        ValueError: the model cannot be traced (for example data-dependent control
+            flow); the message names the innermost submodule being traced.
+    """
+    tracer = _LocatingTracer()
     try:
-        graph = _Tracer().trace(model)
-        return fx.GraphModule(model, graph, type(model).__name__)
+        graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
+        where = type(model).__name__
+        if tracer.failed_in:
+            where = f"{tracer.failed_in[-1]} inside {type(model).__name__}"
         raise ValueError(
-            f"{purpose} could not trace {type(model).__name__} with torch.fx "
+            f"{purpose} could not trace {where} with torch.fx "
             f"({type(e).__name__}: {e}). Models with data-dependent control flow are not "
-            "supported; express the network as nn.Sequential, or make the offending module "
-            "traceable"
+            "supported; express the network as nn.Sequential, or make that module "
+            "traceable (no Python control flow on tensor values)"
         ) from e
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.train(model.training)
+    for name, sub in model.named_modules():  # keep each submodule's own mode
+        if name and has_submodule(gm, name):
+            gm.get_submodule(name).training = sub.training
+    return gm
+
+
+def has_submodule(gm: nn.Module, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def matches_nonlinearity(node: fx.Node, gm: fx.GraphModule, nonlinearities: tuple) -> bool:

@@ -17,6 +17,7 @@ from bnlab.graph import (
     DEFAULT_NONLINEARITIES,
     batchnorm_class_for,
     calls_per_module,
+    has_submodule,
     is_sequential_tree,
     matches_nonlinearity,
     module_of,
@@ -24,33 +25,73 @@ from bnlab.graph import (
     trace,
 )
 
-__all__ = ["Insertion", "format_summary", "insert_batchnorm", "insertion_summary"]
+__all__ = [
+    "Insertion",
+    "format_summary",
+    "insert_batchnorm",
+    "insertion_summary",
+]
 
 _SUMMARY_ATTR = "bn_insertions"
 
 
 @dataclass(frozen=True)
 class Insertion:
-    """One BN layer added by :func:`insert_batchnorm`."""
+    """One BN layer added by :func:`insert_batchnorm`.
 
-    layer: str  # qualified name of the Linear/ConvNd in the new model
-    batchnorm: str  # qualified name of the inserted BN
+    Attributes:
+        layer: qualified name of the Linear/ConvNd in the new model.
+        batchnorm: qualified name of the inserted BN in the new model.
+        bn_type: class name of the BN (``BatchNorm1d``, ``BatchNorm2d``, ...).
+        num_features: C, the channels it normalizes.
+        nonlinearity: the nonlinearity it feeds (a class, function or method name).
+        bias_dropped: whether the layer had a bias that was removed (Section 3.2).
+    """
+
+    layer: str
+    batchnorm: str
     bn_type: str
     num_features: int
     nonlinearity: str
     bias_dropped: bool
 
 
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _check_nonlinearities(nonlinearities) -> tuple:
+    if isinstance(nonlinearities, (str, type)) or callable(nonlinearities):
+        nonlinearities = (nonlinearities,)
+    try:
+        items = tuple(nonlinearities)
+    except TypeError:
+        raise TypeError(
+            "nonlinearities must be a tuple of module types (nn.ReLU), functions "
+            f"(F.relu) or tensor method names ('relu'), got {type(nonlinearities).__name__}"
+        ) from None
+    for n in items:
+        ok = isinstance(n, str) or (isinstance(n, type) and issubclass(n, nn.Module))
+        if not ok and (isinstance(n, type) or not callable(n)):
+            raise TypeError(
+                f"nonlinearities entries must be nn.Module subclasses (nn.ReLU), functions "
+                f"(F.relu) or tensor method names ('relu'); got {n!r}"
+            )
+    if not items:
+        raise ValueError("nonlinearities is empty; pass e.g. (nn.ReLU, nn.Sigmoid)")
+    return items
+
+
 def _make_bn(layer: nn.Module, momentum: float | None, eps: float) -> nn.Module:
     bn_cls = batchnorm_class_for(layer)
     w = layer.weight
-    return bn_cls(
-        out_features_of(layer), eps=eps, momentum=momentum, device=w.device, dtype=w.dtype
-    )
+    bn = bn_cls(out_features_of(layer), eps=eps, momentum=momentum, device=w.device, dtype=w.dtype)
+    return bn.train(layer.training)
 
 
 def _drop_bias(layer: nn.Module) -> bool:
-    had_bias = layer.bias is not None
+    had_bias = getattr(layer, "bias", None) is not None
     layer.bias = None  # beta replaces it (Section 3.2)
     return had_bias
 
@@ -67,48 +108,58 @@ def _is_nonlinear_module(module: nn.Module, nonlinearities: tuple) -> bool:
     return any(isinstance(n, type) and isinstance(module, n) for n in nonlinearities)
 
 
-def _insert_sequential(
-    seq: nn.Module, prefix: str, nonlinearities: tuple, momentum, eps, out: list[Insertion]
-) -> nn.Module:
-    if not isinstance(seq, nn.Sequential):
-        return seq
-    children = list(seq.children())
-    new_children: list[nn.Module] = []
-    for i, child in enumerate(children):
-        if isinstance(child, nn.Sequential):
-            child = _insert_sequential(
-                child, f"{prefix}{len(new_children)}.", nonlinearities, momentum, eps, out
+def _leaves(seq: nn.Sequential) -> list[tuple[nn.Sequential, nn.Module]]:
+    """(container, module) for every non-Sequential module, in execution order."""
+    out = []
+    for child in seq:
+        if type(child) is nn.Sequential:
+            out += _leaves(child)
+        else:
+            out.append((seq, child))
+    return out
+
+
+# --------------------------------------------------------------------------
+# The two rewriters
+# --------------------------------------------------------------------------
+
+
+def _insert_sequential(model: nn.Module, nonlinearities: tuple, momentum, eps) -> list[tuple]:
+    """Insert in place into a tree of nn.Sequential; returns (layer, bn, nonlinearity)."""
+    if type(model) is not nn.Sequential:  # a lone leaf module: nothing feeds anything
+        return []
+    leaves = _leaves(model)
+    uses: dict[int, int] = {}
+    for _, m in leaves:
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    planned = []
+    # Consecutive leaves, across nested Sequential boundaries: Sequential(Sequential(Linear),
+    # Sigmoid) feeds the Linear straight into the Sigmoid too.
+    for (container, layer), (_, nxt) in zip(leaves, leaves[1:]):
+        if batchnorm_class_for(layer) is None or not _is_nonlinear_module(nxt, nonlinearities):
+            continue
+        if uses[id(layer)] > 1:
+            raise ValueError(
+                f"insert_batchnorm: the {type(layer).__name__} before {type(nxt).__name__} "
+                "appears more than once in the model (a shared module); dropping its bias "
+                "would change its other uses. Use separate modules"
             )
-        new_children.append(child)
-        nxt = children[i + 1] if i + 1 < len(children) else None
-        if (
-            batchnorm_class_for(child) is not None
-            and nxt is not None
-            and _is_nonlinear_module(nxt, nonlinearities)
-        ):
-            layer_name = f"{prefix}{len(new_children) - 1}"
-            bn = _make_bn(child, momentum, eps)
-            new_children.append(bn)
-            out.append(
-                Insertion(
-                    layer_name,
-                    f"{prefix}{len(new_children) - 1}",
-                    type(bn).__name__,
-                    bn.num_features,
-                    _nonlinearity_name(nxt),
-                    _drop_bias(child),
-                )
-            )
-    new = nn.Sequential(*new_children)
-    new.train(seq.training)
-    return new
+        planned.append((container, layer, nxt))
+    inserted = []
+    for container, layer, nxt in planned:
+        bn = _make_bn(layer, momentum, eps)
+        index = next(i for i, c in enumerate(container) if c is layer)
+        container.insert(index + 1, bn)
+        inserted.append((layer, bn, _nonlinearity_name(nxt)))
+    return inserted
 
 
 def _insert_fx(
-    model: nn.Module, nonlinearities: tuple, momentum, eps, out: list[Insertion]
-) -> fx.GraphModule:
+    model: nn.Module, nonlinearities: tuple, momentum, eps
+) -> tuple[fx.GraphModule, list[tuple]]:
     gm = trace(model, "insert_batchnorm")
     calls = calls_per_module(gm)
+    inserted = []
     for node in list(gm.graph.nodes):
         if not matches_nonlinearity(node, gm, nonlinearities) or not node.args:
             continue
@@ -125,24 +176,17 @@ def _insert_fx(
             )
         bn = _make_bn(layer, momentum, eps)
         bn_name = "bn_" + src.target.replace(".", "_")
+        while has_submodule(gm, bn_name):
+            bn_name += "_"
         gm.add_submodule(bn_name, bn)
         with gm.graph.inserting_after(src):
             bn_node = gm.graph.call_module(bn_name, (src,))
         node.replace_input_with(src, bn_node)
         nl = module_of(node, gm) if node.op == "call_module" else node.target
-        out.append(
-            Insertion(
-                src.target,
-                bn_name,
-                type(bn).__name__,
-                bn.num_features,
-                _nonlinearity_name(nl),
-                _drop_bias(layer),
-            )
-        )
+        inserted.append((layer, bn, _nonlinearity_name(nl)))
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return gm, inserted
 
 
 def insert_batchnorm(
@@ -157,52 +201,80 @@ def insert_batchnorm(
     Every nonlinearity whose input comes directly from a Linear or ConvNd layer
     gets a bnlab BN layer in between (BatchNorm1d after Linear and Conv1d,
     BatchNorm2d after Conv2d, BatchNorm3d after Conv3d), and that layer's bias
-    is dropped since beta replaces it. The original model is not modified; the
-    copy keeps its weights, so a BN network and its plain twin can start from
-    the same initial weights.
+    is dropped since beta replaces it: z = g(Wu + b) becomes z = g(BN(Wu)).
+    Layers that feed anything else (the output layer, a residual addition) are
+    left alone. The original model is not modified; the copy keeps its weights
+    and each module's train/eval mode, so a BN network and its plain twin can
+    start from the same initial weights.
 
-    Custom layers take part by a ``batchnorm_class`` class attribute (see
-    :func:`bnlab.graph.batchnorm_class_for`). Nested ``nn.Sequential`` models are
-    rewritten directly (the result is an ``nn.Sequential``); any other module is
-    traced with ``torch.fx`` (residual blocks, functional activations such as
-    ``F.relu``), giving a GraphModule.
+    Nested ``nn.Sequential`` models are rewritten in place of a deep copy (the
+    result is an ``nn.Sequential`` with the same nesting; a Linear at the end of
+    an inner Sequential that feeds a nonlinearity of the outer one counts too).
+    Any other module is traced with ``torch.fx`` (residual blocks, functional
+    activations such as ``F.relu``), giving an ``fx.GraphModule``; the new BN
+    layers are its submodules ``bn_<layer name>``. Custom layers take part by a
+    ``batchnorm_class`` class attribute (see :func:`bnlab.graph.batchnorm_class_for`).
 
     Args:
         model: the network N.
         nonlinearities: what counts as a nonlinearity: module types (``nn.Sigmoid``),
-            functions (``torch.sigmoid``, ``F.relu``) and tensor method names (``"relu"``).
-        momentum, eps: passed to the new BN layers.
+            functions (``torch.sigmoid``, ``F.relu``; traced models only) and tensor
+            method names (``"relu"``; traced models only). The default covers the
+            common activations.
+        momentum: of the new BN layers (PyTorch's convention,
+            ``running = (1 - momentum) * running + momentum * batch``; None for a
+            cumulative average).
+        eps: of the new BN layers.
 
     Returns:
-        The BN network N_tr. :func:`insertion_summary` lists what was inserted.
+        The BN network N_tr. :func:`insertion_summary` lists what was inserted and
+        :func:`format_summary` prints it.
 
     Raises:
-        ValueError: the model cannot be traced, a layer's output feeds more than its
-            nonlinearity, or there is no Linear/ConvNd -> nonlinearity pair at all.
+        TypeError: ``model`` is not an nn.Module or a nonlinearity entry is invalid.
+        ValueError: the model cannot be traced (the message names the module), a
+            layer's output feeds more than its nonlinearity (or the layer is shared),
+            or there is no Linear/ConvNd -> nonlinearity pair at all.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.Sigmoid(), nn.Linear(100, 10))
         >>> bn_net = insert_batchnorm(net)  # Flatten, Linear(no bias), BatchNorm1d, Sigmoid, Linear
+        >>> [i.batchnorm for i in insertion_summary(bn_net)]
+        ['2']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"insert_batchnorm expects an nn.Module, got {type(model).__name__}")
-    inserted: list[Insertion] = []
+    nonlinearities = _check_nonlinearities(nonlinearities)
     if is_sequential_tree(model):
-        new = _insert_sequential(
-            copy.deepcopy(model), "", tuple(nonlinearities), momentum, eps, inserted
-        )
+        new = copy.deepcopy(model)
+        inserted = _insert_sequential(new, nonlinearities, momentum, eps)
     else:
-        new = _insert_fx(copy.deepcopy(model), tuple(nonlinearities), momentum, eps, inserted)
+        new, inserted = _insert_fx(copy.deepcopy(model), nonlinearities, momentum, eps)
     if not inserted:
         raise ValueError(
             f"insert_batchnorm found no nonlinearity fed directly by a Linear/ConvNd layer in "
             f"{type(model).__name__}; pass the nonlinearities your model uses with "
             "nonlinearities=(...)"
         )
-    setattr(new, _SUMMARY_ATTR, inserted)
-    if any(isinstance(m, (nn.Dropout,)) for m in new.modules()):
+    names = {id(m): n for n, m in new.named_modules()}
+    summary = [
+        Insertion(
+            names[id(layer)],
+            names[id(bn)],
+            type(bn).__name__,
+            bn.num_features,
+            nl,
+            _drop_bias(layer),
+        )
+        for layer, bn, nl in inserted
+    ]
+    summary.sort(key=lambda i: list(names.values()).index(i.batchnorm))
+    setattr(new, _SUMMARY_ATTR, summary)
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in new.modules()):
         warnings.warn(
-            "the model has Dropout; Section 4.2.1 removes it from BN networks", stacklevel=2
+            "the model has Dropout; Section 4.2.1 reduces or removes it in BN networks, "
+            "since BN regularizes",
+            stacklevel=2,
         )
     return new
 
@@ -212,8 +284,15 @@ def insertion_summary(model: nn.Module) -> list[Insertion]:
     return list(getattr(model, _SUMMARY_ATTR, []))
 
 
-def format_summary(insertions: list[Insertion]) -> str:
-    """A human-readable table of insertions, as the CLI prints it."""
+def format_summary(insertions: list[Insertion] | nn.Module) -> str:
+    """A human-readable table of insertions, as the CLI prints it.
+
+    Args:
+        insertions: :func:`insertion_summary`'s list, or the model returned by
+            :func:`insert_batchnorm`.
+    """
+    if isinstance(insertions, nn.Module):
+        insertions = insertion_summary(insertions)
     if not insertions:
         return "no BN layers inserted"
     rows = [("layer", "BN inserted", "type", "features", "before", "bias dropped")]

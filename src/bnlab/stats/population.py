@@ -12,7 +12,7 @@ behind the final weights (as fvcore's ``precise_bn`` argues too).
 
 from __future__ import annotations
 
-import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -32,18 +32,34 @@ ESTIMATORS = ("paper", "pooled")
 
 @dataclass
 class LayerStats:
-    """What was seen by one BN layer during the pass."""
+    """What one BN layer saw during the pass.
+
+    Attributes:
+        name: qualified name of the BN layer in the model.
+        batches: mini-batches it was called on.
+        values: sum over those batches of m (N times the spatial size, Section 3.2).
+        mean_stderr, var_stderr: per-channel standard errors of E[x] and Var[x]
+            (when ``compute_stderr`` or ``tol`` was given and at least 2 batches ran).
+    """
 
     name: str
     batches: int = 0
-    values: int = 0  # sum over batches of m (N * spatial size)
-    mean_stderr: Tensor | None = None  # per channel, when requested
+    values: int = 0
+    mean_stderr: Tensor | None = None
     var_stderr: Tensor | None = None
 
 
 @dataclass
 class PopulationStatsReport:
-    """Returned by :func:`recompute_population_stats`."""
+    """Returned by :func:`recompute_population_stats`.
+
+    Attributes:
+        estimator: ``"paper"`` or ``"pooled"``.
+        batches: mini-batches processed.
+        layers: one :class:`LayerStats` per BN layer that was reached.
+        unreached: names of BN layers the forward never called (statistics unchanged).
+        stopped_early: the ``tol`` criterion stopped the pass before the data ran out.
+    """
 
     estimator: str
     batches: int
@@ -53,66 +69,67 @@ class PopulationStatsReport:
 
 
 class _Accumulator:
-    """Per-layer running sums over mini-batches (weighted by each batch's m)."""
+    """One BN layer's per-batch statistics (m_b, mu_b, sigma2_b), in float64."""
 
-    def __init__(self, name: str, keep_batches: bool):
+    def __init__(self, name: str):
         self.stats = LayerStats(name)
-        self.keep = keep_batches
-        self.means: list[Tensor] = []
-        self.unbiased_vars: list[Tensor] = []
         self.counts: list[int] = []
-        self.sum_mean: Tensor | None = None
-        self.sum_uvar: Tensor | None = None
-        self.pooled: tuple[Tensor, Tensor, Tensor] | None = None  # (count, mean, biased var)
+        self.means: list[Tensor] = []
+        self.biased_vars: list[Tensor] = []
 
     def add(self, x: Tensor) -> None:
         F.check_batch_norm_input(x, training=True)
-        m = F.num_values_per_channel(x)
+        m = F.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Section 3.2)
         mu_b, biased_var_b = F.compute_batch_stats(x.detach())
-        mu_b, biased_var_b = mu_b.double(), biased_var_b.double()
-        uvar = F.unbiased_var(biased_var_b, m)  # Algorithm 2, step 10
-        if self.sum_mean is None:
-            self.sum_mean, self.sum_uvar = m * mu_b, m * uvar
-            self.pooled = (torch.tensor([m], dtype=torch.float64), mu_b, biased_var_b)
-        else:
-            self.sum_mean += m * mu_b
-            self.sum_uvar += m * uvar
-            n0, mu0, v0 = self.pooled
-            total, mean, var = F.merge_moments(
-                torch.cat([n0, torch.tensor([m], dtype=torch.float64)]),
-                torch.stack([mu0, mu_b]),
-                torch.stack([v0, biased_var_b]),
-            )
-            self.pooled = (total.reshape(1), mean, var)
+        self.counts.append(m)
+        self.means.append(mu_b.double())
+        self.biased_vars.append(biased_var_b.double())
         self.stats.batches += 1
         self.stats.values += m
-        if self.keep:
-            self.means.append(mu_b)
-            self.unbiased_vars.append(uvar)
-            self.counts.append(m)
+
+    def _weights(self) -> Tensor:
+        n = torch.tensor(self.counts, dtype=torch.float64, device=self.means[0].device)
+        return (n / n.sum()).unsqueeze(1)  # (B, 1): each batch weighted by its m
+
+    def _unbiased_vars(self) -> Tensor:
+        # Algorithm 2, step 10, per batch: m/(m-1) sigma2_B.
+        return torch.stack([F.unbiased_var(v, m) for v, m in zip(self.biased_vars, self.counts)])
 
     def estimate(self, estimator: str) -> tuple[Tensor, Tensor]:
-        if estimator == "paper":  # weighted by m, exact for unequal batch sizes
-            n = self.stats.values
-            return self.sum_mean / n, self.sum_uvar / n
-        total, mean, biased = self.pooled  # variance of all samples pooled together
-        n = total.item()
+        if estimator == "paper":
+            # E[x] = E_B[mu_B], Var[x] = E_B[m/(m-1) sigma2_B] (Algorithm 2, step 10),
+            # the expectation over batches weighted by m (exact for unequal sizes).
+            w = self._weights()
+            return (w * torch.stack(self.means)).sum(0), (w * self._unbiased_vars()).sum(0)
+        # Pooled: mean and unbiased variance of all values of all batches together.
+        total, mean, biased = F.merge_moments(
+            torch.tensor(self.counts), torch.stack(self.means), torch.stack(self.biased_vars)
+        )
+        n = float(total)
         return mean, biased * (n / (n - 1))
 
     def stderr(self) -> tuple[Tensor, Tensor] | None:
-        """Standard errors of the E_B[.] estimates from the spread across batches."""
-        b = len(self.means)
+        """Standard errors of the weighted batch averages E_B[mu_B], E_B[unbiased var].
+
+        With weights w_b = m_b / sum m: se^2 = B/(B-1) * sum_b w_b^2 (x_b - xbar)^2,
+        which is std/sqrt(B) for equal batch sizes.
+        """
+        b = len(self.counts)
         if b < 2:
             return None
-        means, uvars = torch.stack(self.means), torch.stack(self.unbiased_vars)
-        return means.std(0) / math.sqrt(b), uvars.std(0) / math.sqrt(b)
+        w = self._weights()
+        out = []
+        for per_batch in (torch.stack(self.means), self._unbiased_vars()):
+            avg = (w * per_batch).sum(0)
+            out.append(((w * (per_batch - avg)).square().sum(0) * (b / (b - 1))).sqrt())
+        return out[0], out[1]
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return model(batch[0])
+        return model(batch[0])  # (inputs, targets): the inputs
     raise TypeError(
         f"recompute_population_stats cannot feed a batch of type {type(batch).__name__} to "
         "the model; pass forward=lambda model, batch: model(...) to say how"
@@ -133,47 +150,80 @@ def recompute_population_stats(
 ) -> PopulationStatsReport:
     """Set every BN layer's running statistics to population estimates (Algorithm 2, steps 8-10).
 
-    The model runs with gradients off; only its BN layers normalize with batch
-    statistics (as in training, so each layer sees the inputs it saw during
-    training), while dropout and every other module stay in eval mode. Each BN
-    layer's per-batch mean mu_B and biased variance sigma2_B (over m = N * spatial
-    values per channel, Section 3.2) are accumulated, then
+    The model runs without gradients (its weights are frozen, step 8); only its
+    BN layers normalize with batch statistics, as in training, so each layer
+    sees the inputs it saw during training (step 9), while dropout and every
+    other module stay in eval mode. A forward pre-hook on each BN layer records
+    the mini-batch mean mu_B and biased variance sigma2_B of its input, per
+    channel over m values (m = N for (N, C) input, m' = N * H * W for
+    convolutional input, Section 3.2). The layers' own running-statistic
+    updates are disabled during the pass. Then (step 10)
 
-    * ``estimator="paper"``: E[x] = E_B[mu_B], Var[x] = E_B[m/(m-1) sigma2_B],
-      each batch weighted by its m (exact for unequal batch sizes);
-    * ``estimator="pooled"``: mean and unbiased variance of all values of all
-      batches pooled together, as if one huge batch. It adds the spread of the
-      batch means to the variance, so it is slightly larger than the paper's
-      estimate, by about Var[mu_B].
+    * ``estimator="paper"``: E[x] = E_B[mu_B] and Var[x] = E_B[m/(m-1) sigma2_B],
+      each batch weighted by its m, so unequal batch sizes (a short last batch)
+      are exact. For equal batch sizes this is what PyTorch's BN computes with
+      ``momentum=None`` after ``reset_running_stats()``.
+    * ``estimator="pooled"``: the mean and unbiased variance of all values of all
+      batches pooled together, as if one huge batch (what fvcore's precise BN
+      estimates). The means of the two estimators are equal. The pooled variance
+      is the within-batch variance plus the spread of the batch means,
+      ~ E_B[sigma2_B] + Var_B[mu_B]. For independent samples in well-shuffled
+      batches both variances estimate the same Var[x]; they differ when the batch
+      means vary more than sampling explains (unshuffled or class-sorted batches,
+      correlated values within a batch such as the m' = N*H*W positions of a
+      feature map): then the pooled one is larger, the paper's is the average
+      variance a layer sees inside a mini-batch.
 
-    Every module's train/eval mode and every BN's momentum and
-    ``num_batches_tracked`` are restored afterwards, even on error.
+    Every module's ``training`` flag and every BN's momentum, running statistics
+    and ``num_batches_tracked`` are restored before the new statistics are
+    written, also when an exception is raised (then nothing changes).
 
     Args:
         model: the trained BN network (its parameters are not changed).
-        batches: an iterable of training mini-batches (tensors, or tuples whose first
-            element is the input, or anything ``forward`` understands).
+        batches: an iterable of training mini-batches: tensors, ``(inputs, targets)``
+            tuples/lists whose first element is the input, or anything ``forward``
+            understands.
         num_batches: use at most this many batches (default: all).
         forward: ``forward(model, batch)`` runs the model on one batch.
-        estimator: ``"paper"`` or ``"pooled"``.
-        progress: show a progress bar (only when stderr is a terminal).
-        compute_stderr: report per-channel standard errors of the estimates.
+        estimator: ``"paper"`` or ``"pooled"`` (see above).
+        progress: show a tqdm progress bar (only when stderr is a terminal).
+        compute_stderr: report per-channel standard errors of the estimates, from the
+            spread of the per-batch values (needs at least 2 batches).
         tol: stop once, for every layer and channel, the standard errors relative to
-            sqrt(Var[x]) (mean) and Var[x] (variance) fall below ``tol``.
+            sqrt(Var[x]) (for the mean) and to Var[x] (for the variance) are below ``tol``.
         min_batches: do not stop early before this many batches.
 
     Returns:
-        A :class:`PopulationStatsReport`; BN layers the forward never reached are
-        listed in ``unreached`` (and warned about), their statistics unchanged.
+        A :class:`PopulationStatsReport`. BN layers the forward never reached are
+        listed in ``unreached`` and warned about; their statistics are unchanged.
 
     Raises:
-        ValueError: no BN layer in the model, an unknown estimator, no batches, or a
-            batch with a single value per channel.
+        ValueError: no BN layer with running statistics, an unknown estimator, a bad
+            ``num_batches``/``tol``, no batches, or a batch with a single value per
+            channel (the message names the batch).
+        TypeError: a batch the default ``forward`` cannot feed.
+
+    Example:
+        >>> bn_net = bnlab.insert_batchnorm(net)   # ... then train it ...
+        >>> report = recompute_population_stats(bn_net, train_loader, num_batches=100)
+        >>> report.batches, report.unreached
+        (100, [])
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    if num_batches is not None and (
+        isinstance(num_batches, bool)
+        or not isinstance(num_batches, numbers.Integral)
+        or num_batches < 1
+    ):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
+        raise ValueError(f"tol must be a positive number such as 0.01, got {tol!r}")
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            f"batches must be an iterable of mini-batches (a list, a DataLoader), "
+            f"got {type(batches).__name__}"
+        )
     bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and m.track_running_stats]
     if not bns:
         raise ValueError(
@@ -181,8 +231,8 @@ def recompute_population_stats(
             "recompute (did you mean to call bnlab.insert_batchnorm first?)"
         )
     forward = forward or _default_forward
-    keep = compute_stderr or tol is not None
-    accs = {m: _Accumulator(n, keep) for n, m in bns}
+    keep_stderr = compute_stderr or tol is not None
+    accs = {m: _Accumulator(n or type(m).__name__) for n, m in bns}
     modes = {m: m.training for m in model.modules()}
     saved = {
         m: (
@@ -195,18 +245,18 @@ def recompute_population_stats(
     }
     hooks = [m.register_forward_pre_hook(lambda mod, args: accs[mod].add(args[0])) for _, m in bns]
     total = num_batches
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+    if hasattr(batches, "__len__"):
+        total = len(batches) if total is None else min(total, len(batches))
     seen = 0
     stopped = False
-    success = False
     try:
         from tqdm.auto import tqdm
 
-        model.eval()
+        for m in modes:  # flags set directly: no train() overrides (frozen BN) interfere
+            m.training = False
         for _, m in bns:
-            m.train()
-            m.momentum = 0.0  # batch statistics are used but running ones stay put
+            m.training = True  # batch statistics, as in training (Algorithm 2, step 9)
+            m.momentum = 0.0  # ... but the running statistics stay put
         bar = tqdm(
             total=total,
             desc="population statistics",
@@ -216,34 +266,39 @@ def recompute_population_stats(
         )
         with torch.no_grad(), bar:
             for batch in batches:
-                if num_batches is not None and seen >= num_batches:
-                    break
                 try:
                     forward(model, batch)
                 except ValueError as e:
                     raise ValueError(f"batch {seen}: {e}") from e
                 seen += 1
                 bar.update(1)
-                if tol is not None and seen >= min_batches and _converged(accs, tol):
+                if num_batches is not None and seen >= num_batches:
+                    break
+                if (
+                    tol is not None
+                    and seen >= min_batches
+                    and _check_now(seen)
+                    and _converged(accs, tol)
+                ):
                     stopped = True
                     break
         if seen == 0:
-            raise ValueError("recompute_population_stats got no batches; pass training batches")
-        success = True
+            raise ValueError(
+                "recompute_population_stats got no batches (an empty iterable); pass "
+                "training mini-batches"
+            )
     finally:
         for h in hooks:
             h.remove()
-        for m, (momentum, rm, rv, nbt) in saved.items():
-            m.momentum = momentum
-            with torch.no_grad():
+        with torch.no_grad():
+            for m, (momentum, rm, rv, nbt) in saved.items():
+                m.momentum = momentum
                 m.running_mean.copy_(rm)
                 m.running_var.copy_(rv)
                 m.num_batches_tracked.copy_(nbt)
         for m, mode in modes.items():
-            m.train(mode)
+            m.training = mode
     report = PopulationStatsReport(estimator, seen, stopped_early=stopped)
-    if not success:
-        return report
     for m, acc in accs.items():
         if acc.stats.batches == 0:
             report.unreached.append(acc.stats.name)
@@ -252,25 +307,33 @@ def recompute_population_stats(
         with torch.no_grad():
             m.running_mean.copy_(mean.to(m.running_mean.dtype))
             m.running_var.copy_(uvar.to(m.running_var.dtype))
-        se = acc.stderr() if keep else None
+        se = acc.stderr() if keep_stderr else None
         if se is not None:
-            acc.stats.mean_stderr, acc.stats.var_stderr = (t.float() for t in se)
+            acc.stats.mean_stderr, acc.stats.var_stderr = se
         report.layers.append(acc.stats)
     if report.unreached:
         warnings.warn(
-            f"BN layers never reached by the forward pass kept their old statistics: "
-            f"{report.unreached}",
+            f"recompute_population_stats: BN layers never reached by the forward pass kept "
+            f"their old statistics: {report.unreached}; check forward= or the model's branches",
             stacklevel=2,
         )
     return report
 
 
+def _check_now(seen: int) -> bool:
+    """Test convergence after every batch up to 100, then about 100 times per decade
+    of batches, so the O(batches) test costs O(batches) overall."""
+    return seen <= 100 or seen % (seen // 100) == 0
+
+
 def _converged(accs: dict, tol: float) -> bool:
     for acc in accs.values():
+        if not acc.counts:
+            continue  # unreached so far: no evidence either way
         se = acc.stderr()
         if se is None:
             return False
-        mean, uvar = acc.estimate("paper")
+        _, uvar = acc.estimate("paper")
         if (se[0] / uvar.sqrt().clamp_min(1e-12)).max() > tol:
             return False
         if (se[1] / uvar.clamp_min(1e-12)).max() > tol:
