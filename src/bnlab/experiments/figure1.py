@@ -155,6 +155,19 @@ def build_arm_model(arm: str, cfg: Figure1Config) -> nn.Module:
     return insert_batchnorm(model) if arm == "bn" else model
 
 
+def make_optimizer(model: nn.Module, cfg: Figure1Config) -> torch.optim.Optimizer:
+    """SGD with momentum, identical for both arms; PyTorch's momentum convention.
+
+    buf = momentum * buf + grad; param -= lr * buf. The fused kernel (one call per
+    step for every parameter) is used where this PyTorch has it for the device.
+    """
+    params = list(model.parameters())
+    try:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused SGD for this device/version
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
 def _append(path: Path, records: list[dict]) -> None:
     with open(path, "a") as f:
         for r in records:
@@ -202,7 +215,7 @@ def train_arm(
     seeds = list(range(cfg.seeds))
     schedule = BatchSchedule(len(x_train), cfg.batch_size, seeds)
     model = build_arm_model(arm, cfg).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = make_optimizer(model, cfg)
     start = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)

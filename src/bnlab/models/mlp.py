@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.nn import BatchNorm1d
@@ -44,12 +45,16 @@ class SeedBatchedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
         s, i, o = self.copies, self.in_per_copy, self.out_per_copy
-        if x.shape[1] == i and s > 1:  # one input shared by every copy
+        if s == 1:  # a plain Linear: one fused addmm
+            return F.linear(x, self.weight[0], None if self.bias is None else self.bias[0])
+        if x.shape[1] == i:  # one input shared by every copy
             y = x @ self.weight.reshape(s * o, i).t()
         else:
-            # (N, S*in) -> (S, N, in) @ (S, in, out) -> (S, N, out) -> (N, S*out)
-            y = torch.bmm(x.view(n, s, i).transpose(0, 1), self.weight.transpose(1, 2))
-            y = y.transpose(0, 1).reshape(n, s * o)
+            # Weight first, so that autograd produces the weight gradient directly in
+            # the weight's (S, out, in) layout (no transposing copy of it every step):
+            # (S, out, in) @ (S, in, N) -> (S, out, N) -> (N, S, out) -> (N, S*out)
+            y = torch.bmm(self.weight, x.reshape(n, s, i).permute(1, 2, 0))
+            y = y.permute(2, 0, 1).contiguous().view(n, s * o)
         return y if self.bias is None else y + self.bias.reshape(-1)
 
     def extra_repr(self) -> str:

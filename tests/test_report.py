@@ -1,0 +1,101 @@
+"""Figure 1 report: statistics, summary and documents built from synthetic records only."""
+
+import json
+import math
+import re
+
+import pytest
+
+from bnlab.report.figure1 import ReportError, _verdicts, build_report, mean_std_ci, summarize
+
+CONFIG = {"thresholds": [0.9, 0.95], "unit": 0}
+
+
+def _records(base_acc, bn_acc, steps=(0, 100, 200, 300), drift=(2.0, 0.1)):
+    """Eval records of two arms: per-step accuracy lists (one entry per seed)."""
+    out = []
+    for arm, accs, d in (("baseline", base_acc, drift[0]), ("bn", bn_acc, drift[1])):
+        for k, (step, acc) in enumerate(zip(steps, accs)):
+            out.append(
+                {
+                    "kind": "eval",
+                    "arm": arm,
+                    "step": step,
+                    "train_loss": None if step == 0 else 1.0,
+                    "test_acc": acc,
+                    "p15": [-1 - d * k] * len(acc),
+                    "p50": [-d * k] * len(acc),
+                    "p85": [1 + d * k] * len(acc),
+                }
+            )
+    out.append({"kind": "final", "arm": "bn", "step": steps[-1], "test_acc_population": [0.99] * 2})
+    return out
+
+
+BASE = [[0.1, 0.1], [0.5, 0.6], [0.91, 0.92], [0.93, 0.94]]
+BN = [[0.1, 0.1], [0.92, 0.96], [0.97, 0.97], [0.98, 0.99]]
+
+
+def test_mean_std_ci_uses_the_t_interval():
+    s = mean_std_ci([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
+    half = 4.303 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n)
+    assert s["ci95"] == pytest.approx([2 - half, 2 + half])
+    one = mean_std_ci([0.5])
+    assert one["std"] == 0.0 and one["ci95"] is None and one["n"] == 1
+
+
+def test_summarize_thresholds_speedup_and_stability():
+    s = summarize(_records(BASE, BN, steps=(0, 100, 2000, 3000)), CONFIG)
+    base, bn = s["arms"]["baseline"], s["arms"]["bn"]
+    assert base["final_test_acc"]["mean"] == pytest.approx(0.935)
+    assert bn["best_test_acc"]["values"] == [0.98, 0.99]
+    assert base["steps_to_threshold"] == {"0.9": [2000, 2000], "0.95": [None, None]}
+    assert bn["steps_to_threshold"] == {"0.9": [100, 100], "0.95": [2000, 100]}
+    assert s["speedup_steps_bn_vs_baseline"] == {"0.9": pytest.approx(20.0)}  # 0.95: never
+    assert base["first_step_above_chance"] == bn["first_step_above_chance"] == [100, 100]
+    verdicts = dict(_verdicts(s))
+    assert all(v.startswith("agrees") for v in verdicts.values()), verdicts
+    assert s["bn_higher_final_acc_every_seed"] is True
+    assert bn["final_test_acc_population_stats"]["mean"] == pytest.approx(0.99)
+    # the median moves by 2.0 per evaluation without BN, 0.1 with (steps 100..300)
+    assert base["sigmoid_input"]["median_range"] == pytest.approx(4.0)
+    assert bn["sigmoid_input"]["median_range"] == pytest.approx(0.2)
+
+
+def test_report_says_so_when_our_numbers_disagree(tmp_path):
+    # BN worse in one seed and its sigmoid input drifting more: every verdict flips.
+    bn = [[0.1, 0.1], [0.3, 0.3], [0.5, 0.5], [0.95, 0.90]]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"experiment": "figure1", "config": {**CONFIG, "data": None, "steps": 300,
+                    "batch_size": 60, "momentum": 0.9, "lr": 0.01, "init_std": 0.01,
+                    "seeds": 2, "eval_every": 100, "population_batches": 3}})
+    )  # fmt: skip
+    records = _records(BASE, bn, drift=(0.1, 2.0))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = build_report(run)
+    assert summary["bn_higher_final_acc_every_seed"] is False
+    md = (run / "report.md").read_text()
+    # final accuracy, speed, learning from the start (100 > 5% of 300 steps), stability
+    assert md.count("does not agree") == 4
+    assert "without BN the network stays near chance" in md
+    assert "packaged MNIST subset" in md  # the data used is always stated
+    html = (run / "report.html").read_text()
+    # self-contained: the figure is embedded, nothing is fetched from elsewhere
+    assert "data:image/png;base64," in html
+    links = re.findall(r"""(?:src|href)=["']([^"']*)""", html)
+    assert links and all(u.startswith("data:") for u in links)
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_report_refuses_incomplete_records(tmp_path):
+    with pytest.raises(ReportError, match="no config.json"):
+        build_report(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "figure1", "config": {}}))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _records(BASE, BN) if r["arm"] == "baseline")
+    )
+    with pytest.raises(ReportError, match="no evaluation records for arm 'bn'"):
+        build_report(tmp_path)
