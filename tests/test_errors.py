@@ -60,6 +60,14 @@ def test_state_dict_of_wrong_size():
         bnn.BatchNorm2d(3).load_state_dict(state)
 
 
+def test_channel_mismatch_names_the_fix():
+    with pytest.raises(ValueError, match="num_features=4 or fix the preceding layer"):
+        bnn.BatchNorm2d(3)(torch.randn(2, 4, 5, 5))
+    # Linear output of shape (N, L, C): the features sit in the last dim, not dim 1.
+    with pytest.raises(ValueError, match=r"features are in the last dim.*transpose\(1, -1\)"):
+        bnn.BatchNorm1d(8)(torch.randn(4, 5, 8))
+
+
 def test_functional_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="3 channels"):

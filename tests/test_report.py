@@ -63,6 +63,25 @@ def test_summarize_thresholds_speedup_and_stability():
     assert bn["sigmoid_input"]["median_range"] == pytest.approx(0.2)
 
 
+def test_speedup_is_a_lower_bound_when_the_baseline_never_reaches_a_threshold():
+    # Baseline never reaches 90% in 3,000 steps; BN does after 100 steps in both seeds.
+    base = [[0.1, 0.1], [0.1, 0.1], [0.5, 0.6], [0.8, 0.85]]
+    s = summarize(_records(base, BN, steps=(0, 100, 2000, 3000)), CONFIG)
+    assert s["speedup_steps_bn_vs_baseline"] == {}
+    # 0.95: BN reaches it in both seeds (2000, 100) -> at least 3000 / 1050
+    assert s["speedup_steps_bn_vs_baseline_at_least"] == {
+        "0.9": pytest.approx(30.0),
+        "0.95": pytest.approx(3000 / 1050),
+    }
+    verdict = dict(_verdicts(s))["BN trains faster"]
+    assert verdict.startswith("agrees") and "at least 2.9x fewer steps" in verdict, verdict
+    # When BN misses a threshold in some seed there is no bound, and the verdict says so.
+    bn_partly = [[0.1, 0.1], [0.5, 0.5], [0.91, 0.6], [0.92, 0.7]]  # seed 1 never reaches 90%
+    s = summarize(_records(base, bn_partly, steps=(0, 100, 2000, 3000)), CONFIG)
+    assert s["speedup_steps_bn_vs_baseline_at_least"] == {}
+    assert dict(_verdicts(s))["BN trains faster"].startswith("not measurable")
+
+
 def test_report_says_so_when_our_numbers_disagree(tmp_path):
     # BN worse in one seed and its sigmoid input drifting more: every verdict flips.
     bn = [[0.1, 0.1], [0.3, 0.3], [0.5, 0.5], [0.95, 0.90]]

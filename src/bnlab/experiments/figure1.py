@@ -39,7 +39,7 @@ __all__ = ["BatchSchedule", "Figure1Config", "build_arm_model", "run_figure1", "
 
 ARMS = ("baseline", "bn")
 FULL_STEPS = 50_000
-PACKAGED_STEPS = 10_000
+PACKAGED_STEPS = 30_000
 
 
 @dataclass

@@ -133,10 +133,16 @@ class _BatchNorm(nn.Module):
                 f"shape {tuple(input.shape)}; use {self._hint}"
             )
         if input.shape[1] != self.num_features:
+            fix = f"construct it with num_features={input.shape[1]} or fix the preceding layer"
+            if input.dim() > 2 and input.shape[-1] == self.num_features:
+                # A Linear applied to (N, L, C) puts the features last; BN wants them in dim 1.
+                fix = (
+                    "the features are in the last dim (as a Linear on (N, L, C) input leaves "
+                    "them): move them to dim 1, e.g. x.transpose(1, -1), or flatten to (N*L, C)"
+                )
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got input with "
-                f"{input.shape[1]} channels (dim 1 of shape {tuple(input.shape)}); "
-                f"construct it with num_features={input.shape[1]} or fix the preceding layer"
+                f"{input.shape[1]} channels (dim 1 of shape {tuple(input.shape)}); {fix}"
             )
 
     def extra_repr(self) -> str:
