@@ -13,20 +13,12 @@ import bnlab
 import bnlab.nn as bnn
 from bnlab.graph import is_batchnorm
 from bnlab.insert import Insertion, format_summary, insertion_summary
+from nets import paper_mlp
 
 
 def mnist_mlp():
     """The paper's Section 4.1 network: 784-100-100-100-10 with sigmoids."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 100),
-        nn.Sigmoid(),
-        nn.Linear(100, 100),
-        nn.Sigmoid(),
-        nn.Linear(100, 100),
-        nn.Sigmoid(),
-        nn.Linear(100, 10),
-    ).double()
+    return paper_mlp()
 
 
 class ResidualBlock(nn.Module):

@@ -9,19 +9,13 @@ from torch import nn
 import bnlab
 import bnlab.nn as bnn
 from bnlab.graph import is_batchnorm
+from nets import paper_mlp
 
 F64 = torch.float64
 
 
 def mnist_mlp():
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 100),
-        nn.Sigmoid(),
-        nn.Linear(100, 100),
-        nn.Sigmoid(),
-        nn.Linear(100, 10),
-    ).double()
+    return paper_mlp(depth=2)
 
 
 def conv_net():
