@@ -464,7 +464,8 @@ def run_figure1(
         threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if main:
         how = (
-            f"{world} data-parallel processes (DDP, SyncBatchNorm)"
+            f"{world} data-parallel processes (DDP, "
+            + ("SyncBatchNorm)" if cfg.bn_stats == "sync" else "per-process ghost BN statistics)")
             if world > 1
             else f"{workers} worker(s)"
         )
@@ -475,6 +476,8 @@ def run_figure1(
         from bnlab.insert import format_summary, insertion_summary
 
         log("BN arm: " + format_summary(insertion_summary(build_arm_model("bn", cfg))))
+        if cfg.seeds > 1:
+            log(f"(features count all {cfg.seeds} seeds, trained together as independent copies)")
     t0 = time.perf_counter()
     if workers == 1 or cfg.device == "cuda":
         for i, arm in enumerate(ARMS):
