@@ -26,8 +26,11 @@ def _init(rank, world, path, timeout=60):
     )
 
 
-def _check_sync_vs_single(rank, shape_per_rank, gen_seed):
-    """Each rank holds its slice; compare with local single-process BN on the whole batch."""
+def _check_sync_vs_single(rank, shape_per_rank, gen_seed, group=None):
+    """Each rank holds its slice; compare with local single-process BN on the whole batch.
+
+    rank is the rank within ``group`` (default: the whole world).
+    """
     sizes = shape_per_rank[0]
     rest = shape_per_rank[1]
     c = rest[0]
@@ -42,7 +45,7 @@ def _check_sync_vs_single(rank, shape_per_rank, gen_seed):
     # Oracle: PyTorch's own batch_norm on the concatenated batch, in one process.
     ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     ref_rm, ref_rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-    sync = bnn.SyncBatchNorm(c, momentum=0.3, dtype=torch.float64)
+    sync = bnn.SyncBatchNorm(c, momentum=0.3, process_group=group, dtype=torch.float64)
     with torch.no_grad():
         sync.weight.copy_(w0)
         sync.bias.copy_(b0)
@@ -56,8 +59,8 @@ def _check_sync_vs_single(rank, shape_per_rank, gen_seed):
         torch.testing.assert_close(ys, yr[part], rtol=0, atol=1e-12)
         torch.testing.assert_close(xs.grad, xr.grad[part], rtol=0, atol=1e-12)
         gw, gb = sync.weight.grad.clone(), sync.bias.grad.clone()
-        dist.all_reduce(gw)
-        dist.all_reduce(gb)
+        dist.all_reduce(gw, group=group)
+        dist.all_reduce(gb, group=group)
         torch.testing.assert_close(gw, ref_w.grad, rtol=0, atol=1e-11)
         torch.testing.assert_close(gb, ref_b.grad, rtol=0, atol=1e-11)
         sync.weight.grad = sync.bias.grad = ref_w.grad = ref_b.grad = None
@@ -112,12 +115,12 @@ def _worker(rank, path, results):
             dist.destroy_process_group()
 
 
-def _spawn(fn, *args):
+def _spawn(fn, *args, world=2):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=fn, args=(r, path, results, *args)) for r in range(2)]
+        procs = [ctx.Process(target=fn, args=(r, path, results, *args)) for r in range(world)]
         for p in procs:
             p.start()
         out = dict(results.get(timeout=240) for _ in procs)
@@ -130,6 +133,34 @@ def _spawn(fn, *args):
 def test_sync_batchnorm_and_ddp_on_two_gloo_processes():
     out = _spawn(_worker)
     assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+
+
+def _subgroup_worker(rank, path, results):
+    try:
+        _init(rank, 3, path, timeout=30)
+        pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # every rank creates both
+        if rank < 2:
+            # statistics over ranks 0 and 1 only (3 + 5 samples); rank 2 takes no part, so a
+            # collective over the whole world would stall and fail with the timeout
+            _check_sync_vs_single(rank, ((3, 5), (4, 3)), 6, group=pair)
+        else:
+            # a group of one: plain local BN over this rank's own batch
+            _check_sync_vs_single(0, ((6,), (4, 2, 2)), 7, group=alone)
+        dist.barrier()
+        results.put((rank, "ok"))
+    except BaseException as e:
+        import traceback
+
+        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_process_group_subgroups_are_respected():
+    out = _spawn(_subgroup_worker, world=3)
+    assert out == {0: "ok", 1: "ok", 2: "ok"}, "\n".join(str(v) for v in out.values())
 
 
 def _stall_worker(rank, path, results):
