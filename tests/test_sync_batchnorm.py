@@ -1,5 +1,6 @@
 """SyncBatchNorm and DDP training on 2 gloo processes, against single-process BN."""
 
+import copy
 import os
 import tempfile
 import time
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bnlab.nn as bnn
+from bnlab import recompute_population_stats
 from bnlab.distributed import DistInfo, prepare_model, shard, train_distributed
 from bnlab.nn.sync import CollectiveError
 
@@ -92,6 +94,20 @@ def _worker(rank, path, results):
             ref = (x - sync.running_mean[:, None]) / torch.sqrt(sync.running_var[:, None] + 1e-5)
             torch.testing.assert_close(sync(x), ref * sync.weight[:, None] + sync.bias[:, None])
         dist.barrier()
+        # Population statistics (Algorithm 2, steps 8-10) through SyncBatchNorm: each global
+        # batch is the union of the slices (3 + 5), so both ranks get the single-process
+        # estimates (averaging per-rank statistics would not: the slices are unequal).
+        net = bnn.convert_sync_batchnorm(_mlp())
+        ref = bnn.revert_sync_batchnorm(copy.deepcopy(net))
+        gen = torch.Generator().manual_seed(8)
+        batches = [torch.randn(8, 6, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+        recompute_population_stats(ref, batches, progress=False)
+        mine = [b[:3] if rank == 0 else b[3:] for b in batches]
+        report = recompute_population_stats(net, mine, progress=False)
+        assert report.layers[0].values == 32 and report.layers[0].batches == 4
+        assert not torch.allclose(ref[1].running_var, torch.ones(8, dtype=torch.float64))
+        torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=0, atol=1e-12)
         # DDP training on 2 processes equals single-process training on the whole batch
         gen = torch.Generator().manual_seed(5)
         x = torch.randn(64, 6, generator=gen, dtype=torch.float64)

@@ -25,6 +25,7 @@ __all__ = [
     "CollectiveError",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "global_moments",
     "revert_sync_batchnorm",
 ]
 
@@ -56,28 +57,41 @@ def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     return m, mu, var
 
 
+def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
+    """(m, mean, biased variance) per channel of the union of every process's slice of x.
+
+    Each process contributes its slice's count, mean and biased variance in one
+    all_gather; the merge is exact for unequal and empty slices. Every process of
+    ``group`` must call this. Raises ValueError when the whole batch has a single
+    value per channel.
+    """
+    world_size = dist.get_world_size(group) if world_size is None else world_size
+    c = x.shape[1]
+    m, mu, var = _local_moments(x)
+    local = torch.cat([torch.tensor([float(m)], dtype=mu.dtype, device=mu.device), mu, var])
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    _collective(
+        "all_gather of batch statistics",
+        lambda: dist.all_gather(gathered, local, group=group),
+        group,
+    )
+    g = torch.stack(gathered)  # (world, 1 + 2C): count, mean, biased variance per process
+    total, mean, biased_var = F.merge_moments(g[:, 0], g[:, 1 : c + 1], g[:, c + 1 :])
+    total = int(total.item())
+    if total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel across all {world_size} processes when "
+            f"training, got {total}; use larger per-process batches"
+        )
+    return total, mean, biased_var
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Algorithm 1 over the union of every process's slice, with explicit backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world_size):
-        c = x.shape[1]
-        m, mu, var = _local_moments(x)
-        local = torch.cat([torch.tensor([float(m)], dtype=mu.dtype, device=mu.device), mu, var])
-        gathered = [torch.empty_like(local) for _ in range(world_size)]
-        _collective(
-            "all_gather of batch statistics",
-            lambda: dist.all_gather(gathered, local, group=group),
-            group,
-        )
-        g = torch.stack(gathered)  # (world, 1 + 2C): count, mean, biased variance per process
-        total, mean, biased_var = F.merge_moments(g[:, 0], g[:, 1 : c + 1], g[:, c + 1 :])
-        total = int(total.item())
-        if total <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel across all {world_size} processes when "
-                f"training, got {total}; use larger per-process batches"
-            )
+        total, mean, biased_var = global_moments(x, group, world_size)
         inv_std = torch.rsqrt(biased_var + eps)
         y = F.normalize(x, mean, inv_std, weight, bias)
         ctx.save_for_backward(x, weight, mean, inv_std)

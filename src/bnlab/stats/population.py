@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.graph import is_batchnorm
+from bnlab.nn.sync import SyncBatchNorm, global_moments
 
 __all__ = ["LayerStats", "PopulationStatsReport", "recompute_population_stats"]
 
@@ -68,19 +70,37 @@ class PopulationStatsReport:
     stopped_early: bool = False
 
 
+def _sync_world_size(module: nn.Module) -> int:
+    """Processes a SyncBatchNorm (ours or PyTorch's) normalizes over; 1 for any other BN."""
+    if not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(module.process_group)
+
+
 class _Accumulator:
     """One BN layer's per-batch statistics (m_b, mu_b, sigma2_b), in float64."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, module: nn.Module):
         self.stats = LayerStats(name)
+        self.world_size = _sync_world_size(module)
+        self.group = getattr(module, "process_group", None)
         self.counts: list[int] = []
         self.means: list[Tensor] = []
         self.biased_vars: list[Tensor] = []
 
     def add(self, x: Tensor) -> None:
-        F.check_batch_norm_input(x, training=True)
-        m = F.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Section 3.2)
-        mu_b, biased_var_b = F.compute_batch_stats(x.detach())
+        x = x.detach()
+        if self.world_size > 1:
+            # SyncBatchNorm under torch.distributed: the mini-batch B of Algorithm 2 is
+            # the union of every process's slice, so record its statistics (one
+            # all_gather; the same on every process, and so are the estimates).
+            m, mu_b, biased_var_b = global_moments(x, self.group, self.world_size)
+        else:
+            F.check_batch_norm_input(x, training=True)
+            m = F.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Sec. 3.2)
+            mu_b, biased_var_b = F.compute_batch_stats(x)
         self.counts.append(m)
         self.means.append(mu_b.double())
         self.biased_vars.append(biased_var_b.double())
@@ -174,6 +194,12 @@ def recompute_population_stats(
       feature map): then the pooled one is larger, the paper's is the average
       variance a layer sees inside a mini-batch.
 
+    Under ``torch.distributed``, a SyncBatchNorm layer (ours or PyTorch's) records
+    the statistics of the global mini-batch, the union of every process's slice
+    (one all_gather per layer and batch), so every process must call this with its
+    slice of the same batches, and all of them get the same estimates. Other BN
+    layers use each process's own batches.
+
     Every module's ``training`` flag and every BN's momentum, running statistics
     and ``num_batches_tracked`` are restored before the new statistics are
     written, also when an exception is raised (then nothing changes).
@@ -232,7 +258,7 @@ def recompute_population_stats(
         )
     forward = forward or _default_forward
     keep_stderr = compute_stderr or tol is not None
-    accs = {m: _Accumulator(n or type(m).__name__) for n, m in bns}
+    accs = {m: _Accumulator(n or type(m).__name__, m) for n, m in bns}
     modes = {m: m.training for m in model.modules()}
     saved = {
         m: (
