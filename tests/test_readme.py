@@ -1,16 +1,44 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of docs/readme/ run as written."""
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [p for p in sorted((ROOT / "docs" / "readme").glob("*.md")) if "```python" in p.read_text()]
+
+
+def _run_python_blocks(path: Path) -> tuple[int, str]:
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for block in blocks:
+            exec(compile(block, str(path), "exec"), {})
+    return len(blocks), out.getvalue()
 
 
 def test_readme_python_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 2
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+    n, _ = _run_python_blocks(README)
+    assert n >= 2
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_python_blocks_run(doc):
+    n, _ = _run_python_blocks(doc)
+    assert n >= 1
+
+
+def test_algorithm2_examples_print_what_their_comments_say():
+    n, out = _run_python_blocks(ROOT / "docs" / "readme" / "algorithm2.md")
+    assert n >= 4
+    lines = out.splitlines()
+    assert "50 1 1600 []" in lines
+    assert "True" in lines  # folded == unfolded
+    assert "False True" in lines and lines[-1] == "True"  # frozen, then unfrozen
 
 
 def test_readme_opens_with_the_two_commands():
