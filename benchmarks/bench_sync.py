@@ -24,20 +24,11 @@ from torch import nn
 
 from bnlab.distributed import DistInfo, prepare_model, shard
 from bnlab.insert import insert_batchnorm
+from bnlab.models.mlp import mnist_mlp
 
 
 def mlp() -> nn.Module:
-    return insert_batchnorm(
-        nn.Sequential(
-            nn.Linear(784, 100),
-            nn.Sigmoid(),
-            nn.Linear(100, 100),
-            nn.Sigmoid(),
-            nn.Linear(100, 100),
-            nn.Sigmoid(),
-            nn.Linear(100, 10),
-        )
-    )
+    return insert_batchnorm(mnist_mlp())  # the Section 4.1 network, BN before each sigmoid
 
 
 def convnet() -> nn.Module:
@@ -93,6 +84,7 @@ def _worker(rank, world, path, steps, queue):
             t = _time_steps(prepare_model(build(), info, stats=stats), x, y, steps)
             if rank == 0:
                 queue.put((name, stats, t))
+    dist.barrier()  # no rank tears down while a peer still talks to it
     dist.destroy_process_group()
 
 
