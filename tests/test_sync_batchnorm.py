@@ -223,3 +223,23 @@ def test_local_fallback_and_converters():
     assert [shard(9, r, 2) for r in range(2)] == [slice(0, 5), slice(5, 9)]
     with pytest.raises(ValueError, match="expects 2-D to 5-D"):
         sync(torch.randn(4))
+
+
+def test_train_ddp_cli_validates_options_and_trains_in_one_process(tmp_path, capsys, monkeypatch):
+    from bnlab.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train-ddp", "--steps", "0", "--batch-size", "1", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be at least 1" in err and "--lr must be positive" in err
+    assert "--batch-size must be at least 2" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets it: ghost needs 2 per process
+    assert main(["train-ddp", "--stats", "ghost", "--batch-size", "6"]) == 2
+    assert "--batch-size must be at least 8 for 4 process(es)" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    ckpt = tmp_path / "model.pt"
+    assert main(["train-ddp", "--steps", "20", "--log-every", "10", "--out", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "1 process(es)" in out and "test accuracy" in out and ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 20 and any("running_mean" in k for k in state["model"])

@@ -8,8 +8,36 @@ import time
 from pathlib import Path
 
 
+def _problems(args: argparse.Namespace, world: int) -> list[str]:
+    """What is wrong with the options, each with its fix (empty when they are usable)."""
+    # Every process normalizes over at least 2 values: the whole batch (sync) or its slice.
+    per_process = 2 if args.stats == "ghost" else 1
+    least = max(2, per_process * world)
+    checks = [
+        (args.steps >= 1, f"--steps must be at least 1, got {args.steps}"),
+        (
+            args.batch_size >= least,
+            f"--batch-size must be at least {least} for {world} process(es) with "
+            f"--stats {args.stats} (BN needs 2 values per batch"
+            + (" on every process" if args.stats == "ghost" else ", and each process a sample")
+            + f"), got {args.batch_size}",
+        ),
+        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.timeout > 0, f"--timeout must be positive (seconds), got {args.timeout}"),
+        (args.log_every >= 1, f"--log-every must be at least 1, got {args.log_every}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
+
+    problems = _problems(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if problems:
+        print("bnlab train-ddp: error: " + "; ".join(problems), file=sys.stderr)
+        return 2
 
     from bnlab.data import MNISTDataError, load_mnist
     from bnlab.distributed import init_distributed, prepare_model, train_distributed
