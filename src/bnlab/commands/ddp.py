@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,6 @@ def _problems(args: argparse.Namespace, world: int) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
     problems = _problems(args, int(os.environ.get("WORLD_SIZE", "1")))

@@ -463,9 +463,9 @@ def run_figure1(
     if world > 1:
         threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if main:
+        stats = "SyncBatchNorm" if cfg.bn_stats == "sync" else "per-process ghost BN statistics"
         how = (
-            f"{world} data-parallel processes (DDP, "
-            + ("SyncBatchNorm)" if cfg.bn_stats == "sync" else "per-process ghost BN statistics)")
+            f"{world} data-parallel processes (DDP, {stats})"
             if world > 1
             else f"{workers} worker(s)"
         )

@@ -26,6 +26,7 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "global_moments",
+    "group_size",
     "revert_sync_batchnorm",
 ]
 
@@ -55,6 +56,13 @@ def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
         return 0, z, z.clone()
     mu, var = F.compute_batch_stats(x)
     return m, mu, var
+
+
+def group_size(process_group: Any = None) -> int:
+    """Processes in ``process_group`` (default: the world); 1 outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
 
 
 def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
@@ -162,13 +170,8 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._revert_class: type | None = None
 
-    def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
     def forward(self, input: Tensor) -> Tensor:
-        world = self._world_size() if self.training else 1
+        world = group_size(self.process_group) if self.training else 1
         if world == 1:
             return super().forward(input)  # local BN
         self._check_input_dim(input)

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.graph import is_batchnorm
-from bnlab.nn.sync import SyncBatchNorm, global_moments
+from bnlab.nn.sync import SyncBatchNorm, global_moments, group_size
 
 __all__ = ["LayerStats", "PopulationStatsReport", "recompute_population_stats"]
 
@@ -70,22 +69,15 @@ class PopulationStatsReport:
     stopped_early: bool = False
 
 
-def _sync_world_size(module: nn.Module) -> int:
-    """Processes a SyncBatchNorm (ours or PyTorch's) normalizes over; 1 for any other BN."""
-    if not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
-        return 1
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(module.process_group)
-
-
 class _Accumulator:
     """One BN layer's per-batch statistics (m_b, mu_b, sigma2_b), in float64."""
 
     def __init__(self, name: str, module: nn.Module):
         self.stats = LayerStats(name)
-        self.world_size = _sync_world_size(module)
-        self.group = getattr(module, "process_group", None)
+        # Processes a SyncBatchNorm (ours or PyTorch's) normalizes over; 1 for other BN.
+        is_sync = isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm))
+        self.group = module.process_group if is_sync else None
+        self.world_size = group_size(self.group) if is_sync else 1
         self.counts: list[int] = []
         self.means: list[Tensor] = []
         self.biased_vars: list[Tensor] = []
@@ -95,7 +87,8 @@ class _Accumulator:
         if self.world_size > 1:
             # SyncBatchNorm under torch.distributed: the mini-batch B of Algorithm 2 is
             # the union of every process's slice, so record its statistics (one
-            # all_gather; the same on every process, and so are the estimates).
+            # all_gather besides the layer's own; the same on every process, and so
+            # are the estimates).
             m, mu_b, biased_var_b = global_moments(x, self.group, self.world_size)
         else:
             F.check_batch_norm_input(x, training=True)
@@ -196,9 +189,9 @@ def recompute_population_stats(
 
     Under ``torch.distributed``, a SyncBatchNorm layer (ours or PyTorch's) records
     the statistics of the global mini-batch, the union of every process's slice
-    (one all_gather per layer and batch), so every process must call this with its
-    slice of the same batches, and all of them get the same estimates. Other BN
-    layers use each process's own batches.
+    (one all_gather per layer and batch besides the layer's own), so every process
+    must call this with its slice of the same batches, and all of them get the same
+    estimates. Other BN layers use each process's own batches.
 
     Every module's ``training`` flag and every BN's momentum, running statistics
     and ``num_batches_tracked`` are restored before the new statistics are
