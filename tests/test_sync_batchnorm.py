@@ -79,56 +79,61 @@ def _mlp():
     ).double()
 
 
-def _worker(rank, path, results):
+def _checked_worker(rank, path, results, checks, world, timeout):
+    """Join a gloo group of ``world`` processes, run ``checks(rank)``, report "ok" or the error."""
     try:
-        _init(rank, 2, path)
-        _check_sync_vs_single(rank, ((3, 5), (4, 3, 2)), 0)  # 3-D, unequal 3 + 5
-        _check_sync_vs_single(rank, ((3, 5), (4, 2, 3, 2)), 1)  # 4-D
-        _check_sync_vs_single(rank, ((3, 5), (4,)), 2)  # 2-D
-        _check_sync_vs_single(rank, ((3, 5), (2, 2, 2, 3)), 3)  # 5-D
-        sync = _check_sync_vs_single(rank, ((0, 8), (4, 3)), 4)  # rank 0 has an empty batch
-        # eval mode is local: no collective (rank 1 would hang otherwise), running stats used
-        sync.eval()
-        if rank == 0:
-            x = torch.randn(5, 4, 3, dtype=torch.float64)
-            ref = (x - sync.running_mean[:, None]) / torch.sqrt(sync.running_var[:, None] + 1e-5)
-            torch.testing.assert_close(sync(x), ref * sync.weight[:, None] + sync.bias[:, None])
-        dist.barrier()
-        # Population statistics (Algorithm 2, steps 8-10) through SyncBatchNorm: each global
-        # batch is the union of the slices (3 + 5), so both ranks get the single-process
-        # estimates (averaging per-rank statistics would not: the slices are unequal).
-        net = bnn.convert_sync_batchnorm(_mlp())
-        ref = bnn.revert_sync_batchnorm(copy.deepcopy(net))
-        gen = torch.Generator().manual_seed(8)
-        batches = [torch.randn(8, 6, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
-        recompute_population_stats(ref, batches, progress=False)
-        mine = [b[:3] if rank == 0 else b[3:] for b in batches]
-        report = recompute_population_stats(net, mine, progress=False)
-        assert report.layers[0].values == 32 and report.layers[0].batches == 4
-        assert not torch.allclose(ref[1].running_var, torch.ones(8, dtype=torch.float64))
-        torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=1e-12)
-        torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=0, atol=1e-12)
-        # DDP training on 2 processes equals single-process training on the whole batch
-        gen = torch.Generator().manual_seed(5)
-        x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 3, (64,), generator=gen)
-        single = train_distributed(_mlp(), x, y, info=DistInfo(), steps=4, batch_size=9, lr=0.5)
-        info = DistInfo(rank=rank, world_size=2)
-        ddp = prepare_model(_mlp(), info, stats="sync")
-        assert any(isinstance(m, bnn.SyncBatchNorm) for m in ddp.modules())
-        ddp = train_distributed(ddp, x, y, info=info, steps=4, batch_size=9, lr=0.5)  # 5 + 4
-        for a, b in zip(ddp.module.parameters(), single.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        for a, b in zip(ddp.module.buffers(), single.buffers()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        _init(rank, world, path, timeout=timeout)
+        checks(rank)
         results.put((rank, "ok"))
-    except BaseException as e:  # report to the parent instead of hanging the other rank
+    except BaseException as e:  # report to the parent instead of hanging the other ranks
         import traceback
 
         results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _sync_checks(rank):
+    _check_sync_vs_single(rank, ((3, 5), (4, 3, 2)), 0)  # 3-D, unequal 3 + 5
+    _check_sync_vs_single(rank, ((3, 5), (4, 2, 3, 2)), 1)  # 4-D
+    _check_sync_vs_single(rank, ((3, 5), (4,)), 2)  # 2-D
+    _check_sync_vs_single(rank, ((3, 5), (2, 2, 2, 3)), 3)  # 5-D
+    sync = _check_sync_vs_single(rank, ((0, 8), (4, 3)), 4)  # rank 0 has an empty batch
+    # eval mode is local: no collective (rank 1 would hang otherwise), running stats used
+    sync.eval()
+    if rank == 0:
+        x = torch.randn(5, 4, 3, dtype=torch.float64)
+        ref = (x - sync.running_mean[:, None]) / torch.sqrt(sync.running_var[:, None] + 1e-5)
+        torch.testing.assert_close(sync(x), ref * sync.weight[:, None] + sync.bias[:, None])
+    dist.barrier()
+    # Population statistics (Algorithm 2, steps 8-10) through SyncBatchNorm: each global
+    # batch is the union of the slices (3 + 5), so both ranks get the single-process
+    # estimates (averaging per-rank statistics would not: the slices are unequal).
+    net = bnn.convert_sync_batchnorm(_mlp())
+    ref = bnn.revert_sync_batchnorm(copy.deepcopy(net))
+    gen = torch.Generator().manual_seed(8)
+    batches = [torch.randn(8, 6, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    recompute_population_stats(ref, batches, progress=False)
+    mine = [b[:3] if rank == 0 else b[3:] for b in batches]
+    report = recompute_population_stats(net, mine, progress=False)
+    assert report.layers[0].values == 32 and report.layers[0].batches == 4
+    assert not torch.allclose(ref[1].running_var, torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=0, atol=1e-12)
+    # DDP training on 2 processes equals single-process training on the whole batch
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    single = train_distributed(_mlp(), x, y, info=DistInfo(), steps=4, batch_size=9, lr=0.5)
+    info = DistInfo(rank=rank, world_size=2)
+    ddp = prepare_model(_mlp(), info, stats="sync")
+    assert any(isinstance(m, bnn.SyncBatchNorm) for m in ddp.modules())
+    ddp = train_distributed(ddp, x, y, info=info, steps=4, batch_size=9, lr=0.5)  # 5 + 4
+    for a, b in zip(ddp.module.parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(ddp.module.buffers(), single.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def _spawn(fn, *args, world=2):
@@ -147,35 +152,25 @@ def _spawn(fn, *args, world=2):
 
 @pytest.mark.slow
 def test_sync_batchnorm_and_ddp_on_two_gloo_processes():
-    out = _spawn(_worker)
+    out = _spawn(_checked_worker, _sync_checks, 2, 60)
     assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
 
 
-def _subgroup_worker(rank, path, results):
-    try:
-        _init(rank, 3, path, timeout=30)
-        pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # every rank creates both
-        if rank < 2:
-            # statistics over ranks 0 and 1 only (3 + 5 samples); rank 2 takes no part, so a
-            # collective over the whole world would stall and fail with the timeout
-            _check_sync_vs_single(rank, ((3, 5), (4, 3)), 6, group=pair)
-        else:
-            # a group of one: plain local BN over this rank's own batch
-            _check_sync_vs_single(0, ((6,), (4, 2, 2)), 7, group=alone)
-        dist.barrier()
-        results.put((rank, "ok"))
-    except BaseException as e:
-        import traceback
-
-        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _subgroup_checks(rank):
+    pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # every rank creates both
+    if rank < 2:
+        # statistics over ranks 0 and 1 only (3 + 5 samples); rank 2 takes no part, so a
+        # collective over the whole world would stall and fail with the timeout
+        _check_sync_vs_single(rank, ((3, 5), (4, 3)), 6, group=pair)
+    else:
+        # a group of one: plain local BN over this rank's own batch
+        _check_sync_vs_single(0, ((6,), (4, 2, 2)), 7, group=alone)
+    dist.barrier()
 
 
 @pytest.mark.slow
 def test_process_group_subgroups_are_respected():
-    out = _spawn(_subgroup_worker, world=3)
+    out = _spawn(_checked_worker, _subgroup_checks, 3, 30, world=3)
     assert out == {0: "ok", 1: "ok", 2: "ok"}, "\n".join(str(v) for v in out.values())
 
 
