@@ -83,14 +83,15 @@ def _run_figure1(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from bnlab.report.figure1 import ReportError, build_report
+    from bnlab.report import ReportError, build_report, report_files
 
     try:
         build_report(args.run_dir)
+        files = report_files(args.run_dir)
     except (ReportError, ValueError, KeyError) as e:
         print(f"bnlab report: error: {e}", file=sys.stderr)
         return 2
-    print(f"rebuilt {args.run_dir}/summary.json, figure1.png, report.md, report.html")
+    print(f"rebuilt {args.run_dir}/" + ", ".join(f.name for f in files))
     return 0
 
 

@@ -1,0 +1,78 @@
+"""Reports built only from a run folder's records (``config.json``, ``metrics.jsonl``).
+
+``build_report(run_dir)`` reads ``run_dir/config.json``, looks up its
+``"experiment"`` in ``EXPERIMENTS`` and calls that experiment's report module;
+``report_files(run_dir)`` lists the files that call writes.
+Shared parts live beside it: ``stats`` (statistics and verdicts on plain
+lists/arrays) and ``render`` (figures, Markdown tables, report.md/report.html).
+
+A new experiment adds one entry to ``EXPERIMENTS``; its module provides
+``build_report(run_dir) -> dict`` (the summary) and ``FILES``, the names of the
+files that ``build_report`` writes into the run folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["EXPERIMENTS", "ReportError", "build_report", "report_files"]
+
+# experiment name (config.json's "experiment") -> its report module, imported on first use
+EXPERIMENTS = {"figure1": "bnlab.report.figure1"}
+
+
+class ReportError(ValueError):
+    """A run folder without the records a report needs."""
+
+
+def build_report(run_dir: str | Path) -> dict:
+    """(Re)build the report of the run in ``run_dir`` from its records.
+
+    Args:
+        run_dir: the ``--out`` folder of a ``bnlab reproduce EXPERIMENT`` run.
+
+    Returns:
+        The experiment's summary, as written to ``run_dir/summary.json``; the
+        files written are ``report_files(run_dir)``.
+
+    Raises:
+        ReportError: ``config.json`` is missing, is not valid JSON, names no
+            experiment or one without a report, or the records are incomplete.
+    """
+    return _report_module(Path(run_dir)).build_report(Path(run_dir))
+
+
+def report_files(run_dir: str | Path) -> list[Path]:
+    """The files ``build_report(run_dir)`` writes, in the order it writes them.
+
+    Raises:
+        ReportError: as ``build_report``, for config.json.
+    """
+    run_dir = Path(run_dir)
+    return [run_dir / name for name in _report_module(run_dir).FILES]
+
+
+def _report_module(run_dir: Path) -> ModuleType:
+    """The report module of the experiment that ``run_dir/config.json`` names."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ReportError(
+            f"{run_dir} has no config.json: not a bnlab run folder "
+            "(`bnlab reproduce EXPERIMENT --out DIR` writes one)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path} is not valid JSON ({e}); the run folder is damaged") from e
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    if not isinstance(experiment, str):
+        raise ReportError(f'{path} names no experiment (no "experiment" string)')
+    if experiment not in EXPERIMENTS:
+        raise ReportError(
+            f"{path} names experiment {experiment!r}, which has no report; known: "
+            + ", ".join(sorted(EXPERIMENTS))
+        )
+    return importlib.import_module(EXPERIMENTS[experiment])

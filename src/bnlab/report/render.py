@@ -1,0 +1,149 @@
+"""Rendering every experiment's report shares: figures, Markdown tables, report.md/.html.
+
+matplotlib is imported inside ``subplots`` and ``save_figure``, not at the top:
+``import matplotlib.pyplot`` costs about 0.3 s, which every ``bnlab`` command
+would otherwise pay, and the Agg backend must be chosen before pyplot loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnlab.report import ReportError
+from bnlab.train.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["markdown_table", "save_figure", "subplots", "write_documents"]
+
+# image types report.html can inline
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+_IMAGE = re.compile(r"!\[(.*?)\]\((.+?)\)")
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
+    "line-height:1.45;color:#222}img{max-width:100%}table{border-collapse:collapse;"
+    "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "th{background:#f3f3f3}code{background:#f3f3f3;padding:0 3px}"
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, the same pixels everywhere
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def subplots(*args: Any, **kwargs: Any):
+    """``matplotlib.pyplot.subplots`` on the Agg backend; returns ``(fig, axes)``."""
+    return _pyplot().subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Write ``fig`` as a PNG atomically (readers never see half a file) and close it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table: a header row, the ``|---|`` rule, one line per row (no final newline)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_documents(run_dir: str | Path, markdown: str, title: str) -> list[Path]:
+    """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir``.
+
+    The HTML is our small Markdown subset (``#``/``##`` headings, ``-`` lists,
+    ``|`` tables, ``**bold**``, backquoted code, ``![alt](file)`` image lines)
+    with every image read from ``run_dir`` and inlined as a base64 data URI, so
+    the page fetches nothing from elsewhere.
+
+    Args:
+        run_dir: the run folder; image paths in ``markdown`` are relative to it.
+        markdown: the text of report.md.
+        title: the HTML page's ``<title>``.
+
+    Returns:
+        The two paths written: report.md, report.html.
+
+    Raises:
+        ReportError: an image is missing or of a type we cannot inline.
+    """
+    run_dir = Path(run_dir)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    atomic_write_text(md_path, markdown)
+    atomic_write_text(html_path, _html(markdown, title, run_dir))
+    return [md_path, html_path]
+
+
+def _html(md: str, title: str, run_dir: Path) -> str:
+    """A self-contained HTML page from our small Markdown subset, images embedded."""
+    body, in_table, in_list = [], False, False
+    for line in md.splitlines():
+        if in_list and not line.startswith("- "):
+            body.append("</ul>")
+            in_list = False
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+                continue
+            body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        image = _IMAGE.match(line) if line.startswith("![") else None
+        if image:
+            alt, src = image.groups()
+            body.append(f'<img alt="{html.escape(alt)}" src="{_data_uri(run_dir / src)}">')
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            if not in_list:
+                body.append("<ul>")
+                in_list = True
+            body.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    if in_list:
+        body.append("</ul>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def _data_uri(path: Path) -> str:
+    mime = _MIME.get(path.suffix.lower())
+    if mime is None:
+        raise ReportError(f"cannot inline {path} in report.html: not one of {sorted(_MIME)}")
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: report.html cannot embed it")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _inline(text: str) -> str:
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
