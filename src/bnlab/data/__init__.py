@@ -1,5 +1,6 @@
-"""Data sets: MNIST from IDX files, the packaged offline subset, and the downloader."""
+"""Data sets: MNIST from IDX files and the packaged offline subset, CIFAR-10, the downloader."""
 
+from bnlab.data.cifar10 import CIFARDataError, ImageData, load_cifar10
 from bnlab.data.mnist import (
     Dataset,
     MNISTDataError,
@@ -8,4 +9,13 @@ from bnlab.data.mnist import (
     load_packaged_mnist,
 )
 
-__all__ = ["Dataset", "MNISTDataError", "load_mnist", "load_mnist_dir", "load_packaged_mnist"]
+__all__ = [
+    "CIFARDataError",
+    "Dataset",
+    "ImageData",
+    "MNISTDataError",
+    "load_cifar10",
+    "load_mnist",
+    "load_mnist_dir",
+    "load_packaged_mnist",
+]
