@@ -14,8 +14,9 @@ from torch import nn
 
 import bnlab.nn as bnn
 from bnlab import recompute_population_stats
-from bnlab.distributed import DistInfo, prepare_model, shard, train_distributed
+from bnlab.distributed import DistInfo, shard
 from bnlab.nn.sync import CollectiveError
+from bnlab.train.loop import train_distributed
 
 
 def _init(rank, world, path, timeout=60):
@@ -127,12 +128,11 @@ def _sync_checks(rank):
     y = torch.randint(0, 3, (64,), generator=gen)
     single = train_distributed(_mlp(), x, y, info=DistInfo(), steps=4, batch_size=9, lr=0.5)
     info = DistInfo(rank=rank, world_size=2)
-    ddp = prepare_model(_mlp(), info, stats="sync")
+    ddp = train_distributed(_mlp(), x, y, info=info, steps=4, batch_size=9, lr=0.5)  # 5 + 4
     assert any(isinstance(m, bnn.SyncBatchNorm) for m in ddp.modules())
-    ddp = train_distributed(ddp, x, y, info=info, steps=4, batch_size=9, lr=0.5)  # 5 + 4
-    for a, b in zip(ddp.module.parameters(), single.parameters()):
+    for a, b in zip(ddp.parameters(), single.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    for a, b in zip(ddp.module.buffers(), single.buffers()):
+    for a, b in zip(ddp.buffers(), single.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 

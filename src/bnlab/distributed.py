@@ -8,24 +8,24 @@ update equals single-process training on the global batch, even when slices
 differ in size. Logging and checkpoints come from rank 0 only.
 
     torchrun --nproc-per-node 2 -m bnlab.cli train-ddp --steps 2000
+
+The training loop itself is :func:`bnlab.train.loop.train`, shared by every
+experiment; :func:`bnlab.train.loop.train_distributed` trains one network.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as TF
-from torch import Tensor, nn
+from torch import nn
 
 from bnlab.nn.sync import convert_sync_batchnorm
-from bnlab.train.schedule import BatchSchedule
 
-__all__ = ["DistInfo", "init_distributed", "shard", "prepare_model", "train_distributed"]
+__all__ = ["DistInfo", "init_distributed", "shard", "prepare_model"]
 
 STATS = ("sync", "ghost")
 
@@ -91,51 +91,3 @@ def prepare_model(model: nn.Module, info: DistInfo, stats: str = "sync") -> nn.M
         model = convert_sync_batchnorm(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def train_distributed(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    info: DistInfo,
-    steps: int,
-    batch_size: int,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    seed: int = 0,
-    log_every: int = 0,
-    log: Callable[[str], None] = print,
-) -> nn.Module:
-    """SGD on (x, y) where every process takes its slice of each global mini-batch.
-
-    Every process must pass the same data, model initialization and arguments.
-    The global batch of each step is the same as single-process training with
-    :class:`bnlab.train.schedule.BatchSchedule`; each rank's loss is its slice's
-    summed cross-entropy times ``world_size / batch_size``, so DDP's gradient
-    average equals the gradient of the global batch's mean loss.
-
-    Returns:
-        The trained (possibly DDP-wrapped) model.
-    """
-    if batch_size < info.world_size:
-        raise ValueError(
-            f"batch_size {batch_size} is smaller than the {info.world_size} "
-            "processes; every process needs a slice"
-        )
-    schedule = BatchSchedule(len(x), batch_size, [seed])
-    part = shard(batch_size, info.rank, info.world_size)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    model.train()
-    for step in range(steps):
-        idx = schedule.indices(step)[part, 0]
-        xb, yb = x[idx].to(info.device), y[idx].to(info.device)
-        logits = model(xb)
-        loss = TF.cross_entropy(logits, yb, reduction="sum") * (info.world_size / batch_size)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and info.is_main and (step + 1) % log_every == 0:
-            slice_mean = loss.item() * batch_size / (info.world_size * max(1, len(idx)))
-            log(f"step {step + 1}/{steps}: mean loss of rank 0's slice {slice_mean:.4f}")
-    return model

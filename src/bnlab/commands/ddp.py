@@ -39,11 +39,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     from bnlab.data import MNISTDataError, load_mnist
-    from bnlab.distributed import init_distributed, prepare_model, train_distributed
+    from bnlab.distributed import init_distributed
     from bnlab.insert import insert_batchnorm
     from bnlab.models import mnist_mlp
     from bnlab.nn.sync import CollectiveError
     from bnlab.train.io import save_checkpoint
+    from bnlab.train.loop import train_distributed
 
     try:
         info = init_distributed(timeout=args.timeout)
@@ -52,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bnlab train-ddp: error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    model = prepare_model(insert_batchnorm(mnist_mlp(seeds=[0])), info, stats=args.stats)
+    model = insert_batchnorm(mnist_mlp(seeds=[0]))
     log = print if info.is_main and not args.quiet else (lambda *a: None)
     log(
         f"train-ddp: {info.world_size} process(es), BN statistics: {args.stats}, "
@@ -68,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            stats=args.stats,
             log_every=args.log_every,
             log=log,
         )
@@ -76,8 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     seconds = time.perf_counter() - t0
     if info.is_main:
-        net = model.module if hasattr(model, "module") else model
-        net.eval()
+        net = model.eval()
         with torch.no_grad():
             acc = (net(data.x_test.to(info.device)).argmax(1).cpu() == data.y_test).float().mean()
         log(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "load_checkpoint",
     "read_jsonl",
     "save_checkpoint",
+    "to_strict_json",
     "write_json",
 ]
 
@@ -41,6 +44,22 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def to_strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float, at any depth, replaced by None.
+
+    Python's json module writes such floats as ``NaN``/``Infinity``, which strict
+    readers (jq, browsers) reject; bnlab records say why a value is missing in
+    another field (a ``diverged`` record, for example).
+    """
+    if isinstance(obj, float | np.floating):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
 
@@ -50,7 +69,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(to_strict_json(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:

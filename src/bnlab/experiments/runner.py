@@ -1,0 +1,301 @@
+"""Run an experiment's arms and build its report: the run folder every experiment shares.
+
+An experiment module defines a config dataclass (with ``identity()``, the keys
+a run folder may only be resumed with) and an ``EXPERIMENT`` object with:
+
+- ``name``: the folder's experiment tag (``"figure1"``);
+- ``validate(cfg)``: raise ValueError with one clear message for bad options;
+- ``check_data(cfg)``: fail fast, before any output, on missing/corrupt data;
+- ``arms(cfg)``: the arms to train, in order;
+- ``describe(cfg)``: start-up lines for the log;
+- ``build_job(arm, cfg, info, work)``: a :class:`bnlab.train.loop.TrainJob`;
+- optionally ``after_training(cfg, out, records) -> list[dict]``: records
+  computed from every arm's outputs (an ensemble, say).
+
+:func:`run_experiment` then checks the output folder, writes ``config.json``
+and ``env.json``, trains the arms (in parallel worker processes, or one after
+the other data-parallel under ``torchrun``), merges ``work/<arm>.jsonl`` into
+``metrics.jsonl`` and builds the report from those records alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bnlab.distributed import DistInfo, init_distributed
+from bnlab.train.io import atomic_write_text, read_jsonl, write_json
+from bnlab.train.loop import train
+
+__all__ = ["WorkerError", "env_info", "prepare_out_dir", "run_experiment"]
+
+
+class WorkerError(RuntimeError):
+    """A training worker failed; the message says which arm and why."""
+
+
+def env_info() -> dict:
+    """Versions, machine and git revision, saved as env.json beside each run."""
+    try:
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    from bnlab import __version__
+
+    return {
+        "bnlab": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "git_revision": rev,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_out_dir(out: Path, experiment: str, identity: dict, resume: bool) -> bool:
+    """Check ``out`` may hold this run; returns whether there is work to resume.
+
+    Raises:
+        ValueError: ``out`` holds another experiment or other files, holds this
+            run but ``--resume`` was not given, or cannot be written.
+    """
+    config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    if config_path.exists():
+        try:
+            saved = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is corrupt; choose another --out") from e
+        if saved.get("experiment") != experiment:
+            raise ValueError(
+                f"--out {out} holds a different experiment "
+                f"({saved.get('experiment')!r}); choose another --out"
+            )
+        diff = {
+            k: (saved.get("config", {}).get(k), v)
+            for k, v in identity.items()
+            if saved.get("config", {}).get(k) != v
+        }
+        if diff:
+            details = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"--out {out} holds a run with another configuration ({details}); "
+                "choose another --out, or repeat the original options"
+            )
+        if not resume:
+            raise ValueError(
+                f"--out {out} already holds this run; pass --resume to continue "
+                "it, or choose another --out"
+            )
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {out} is not empty and holds no bnlab run; choose a new or empty folder"
+        )
+    return False
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file there, or say why not (before any training)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".bnlab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"cannot write the output folder {out} ({e.strerror or e}); choose a writable "
+            "--out (or run from a folder you can write to)"
+        ) from e
+
+
+def _experiment(module: str):
+    return importlib.import_module(module).EXPERIMENT
+
+
+def _train_arm(module, arm, cfg, out, resume, threads, progress, position, info=None):
+    torch.set_num_threads(threads)
+    info = info or DistInfo()
+    exp = _experiment(module)
+    work = out / "work"
+    job = exp.build_job(arm, cfg, info, work)
+    train(
+        job,
+        work,
+        resume=resume,
+        info=info,
+        bn_stats=getattr(cfg, "bn_stats", "sync"),
+        progress=progress,
+        position=position,
+    )
+
+
+def _worker(module, arm, cfg, out, resume, threads, progress, position):
+    try:
+        _train_arm(module, arm, cfg, out, resume, threads, progress, position)
+    except BaseException as e:
+        # Best effort: with a full disk this write fails too, and the parent falls
+        # back to the exit status (the traceback is on stderr either way).
+        try:
+            (out / "work" / f"{arm}.error").write_text(
+                f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+            )
+        except OSError:
+            pass
+        raise SystemExit(1) from e
+
+
+def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> None:
+    """Train ``arms`` in at most ``workers`` processes at a time; raise if any failed."""
+    ctx = mp.get_context("spawn")
+    pending = list(arms)
+    running: dict[int, tuple[str, mp.Process]] = {}  # progress-bar line -> (arm, process)
+    finished: list[tuple[str, int | None]] = []
+    try:
+        while pending or running:
+            for slot in range(workers):
+                if slot not in running and pending:
+                    arm = pending.pop(0)
+                    p = ctx.Process(
+                        target=_worker,
+                        args=(module, arm, cfg, out, resume, threads, progress, slot),
+                    )
+                    p.start()
+                    running[slot] = (arm, p)
+            for slot, (arm, p) in list(running.items()):
+                p.join(timeout=0.1)
+                if not p.is_alive():
+                    finished.append((arm, p.exitcode))
+                    del running[slot]
+    finally:
+        for _, p in running.values():
+            if p.is_alive():
+                p.terminate()
+    failed = []
+    for arm, code in finished:
+        if code == 0:
+            continue
+        err = out / "work" / f"{arm}.error"
+        text = err.read_text().strip() if err.exists() else ""
+        first = text.splitlines()[0] if text else f"exited with status {code}"
+        failed.append(f"{arm}: {first}")
+    if failed:
+        raise WorkerError(
+            "a training worker failed: "
+            + "; ".join(failed)
+            + f" (details in {out / 'work'}); fix the cause and rerun with --resume"
+        )
+
+
+def run_experiment(
+    module: str,
+    cfg,
+    out: Path,
+    resume: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    log=print,
+    timeout: float = 300.0,
+) -> dict | None:
+    """Run (or resume) an experiment in ``out`` and build its report.
+
+    Args:
+        module: the experiment module (``"bnlab.experiments.figure1"``).
+        cfg: its config dataclass.
+        out: the run folder.
+        resume: continue the run in ``out`` from its checkpoints.
+        workers: arms trained at once in separate processes (single-process runs).
+        progress: progress bars.
+        log: where start-up lines go.
+        timeout: under torchrun, seconds a collective waits for its peers.
+
+    Returns:
+        The summary (as written to ``out/summary.json``); None on ranks other than 0.
+    """
+    from bnlab.report import build_report
+
+    exp = _experiment(module)
+    info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
+    main, world = info.is_main, info.world_size
+    exp.validate(cfg)
+    exp.check_data(cfg)
+    out = Path(out)
+    resuming = prepare_out_dir(out, exp.name, cfg.identity(), resume)
+    if main:
+        _check_writable(out)
+    if world > 1:
+        dist.barrier()
+    work = out / "work"
+    if main:
+        if not resuming:
+            write_json(
+                out / "config.json", {"experiment": exp.name, "config": dataclasses.asdict(cfg)}
+            )
+            write_json(out / "env.json", env_info())
+        work.mkdir(exist_ok=True)
+        for arm in exp.arms(cfg):  # every start, resumes included, begins clean
+            (work / f"{arm}.error").unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
+    arms = exp.arms(cfg)
+    cores = os.cpu_count() or 1
+    device = getattr(cfg, "device", "cpu")
+    workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
+    threads = max(1, cores // workers)
+    if world > 1:
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if main:
+        if world > 1:
+            stats = (
+                "SyncBatchNorm"
+                if getattr(cfg, "bn_stats", "sync") == "sync"
+                else "per-process ghost BN statistics"
+            )
+            how = f"{world} data-parallel processes (DDP, {stats})"
+        else:
+            how = f"{workers} worker(s)"
+        log(f"{exp.name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
+        for line in exp.describe(cfg):
+            log(line)
+    t0 = time.perf_counter()
+    if workers == 1:
+        for i, arm in enumerate(arms):
+            _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
+    else:
+        _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
+    elapsed = time.perf_counter() - t0
+    if not main:
+        return None
+    records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
+    after = getattr(exp, "after_training", None)
+    if after is not None:
+        records += after(cfg, out, records)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    env = json.loads((out / "env.json").read_text())
+    env["train_seconds_last_session"] = round(elapsed, 1)
+    write_json(out / "env.json", env)
+    return build_report(out)
