@@ -1,4 +1,4 @@
-"""`bnlab reproduce figure1` and `bnlab report RUN_DIR`."""
+"""`bnlab reproduce figure1`, `bnlab reproduce inception` (commands/inception.py) and `bnlab report RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from bnlab.commands import inception as inception_command
 from bnlab.experiments.figure1 import FULL_STEPS, PACKAGED_STEPS, Figure1Config
 
 
@@ -183,6 +184,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=_run_figure1)
+    inception_command.add_parser(exps)
 
     r = subparsers.add_parser(
         "report",

@@ -268,6 +268,8 @@ def run_experiment(
     threads = max(1, cores // workers)
     if world > 1:
         threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's cap, as torch honours it
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
     if main:
         if world > 1:
             stats = (

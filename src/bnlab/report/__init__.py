@@ -21,7 +21,7 @@ from types import ModuleType
 __all__ = ["EXPERIMENTS", "ReportError", "build_report", "report_files"]
 
 # experiment name (config.json's "experiment") -> its report module, imported on first use
-EXPERIMENTS = {"figure1": "bnlab.report.figure1"}
+EXPERIMENTS = {"figure1": "bnlab.report.figure1", "inception": "bnlab.report.inception"}
 
 
 class ReportError(ValueError):

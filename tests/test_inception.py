@@ -1,0 +1,127 @@
+"""Section 4.2 experiment: network definitions, batch order, ensemble, a tiny end-to-end run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bnlab.cli import main
+from bnlab.experiments.inception import (
+    NETWORKS,
+    PRESETS,
+    InceptionConfig,
+    config_for,
+    ensemble_metrics,
+    settings,
+    validate,
+)
+from bnlab.train.schedule import BatchSchedule
+
+
+def test_networks_follow_section_4_2_1_and_4_2_2():
+    cfg = InceptionConfig(base_lr=0.01, weight_decay=5e-4, decay=0.5)
+    s = {name: settings(name, cfg) for name in NETWORKS}
+    base = s["inception"]
+    assert not base["bn"] and base["dropout"] == 0.4 and base["lrn"]
+    assert base["lr"] == 0.01 and base["weight_decay"] == 5e-4 and base["shuffle"] == "shard"
+    assert base["final_lr"] == pytest.approx(0.005)  # decays by `decay` over the run
+    assert base["augment"].startswith("standard")
+    # bn-baseline: the same network with BN before every nonlinearity, nothing else changed
+    assert s["bn-baseline"]["bn"]
+    for key in ("lr", "weight_decay", "dropout", "lrn", "shuffle", "augment", "activation"):
+        assert s["bn-baseline"][key] == base[key], key
+    # bn-x5: every change of Section 4.2.1
+    x5 = s["bn-x5"]
+    assert x5["bn"] and x5["lr"] == pytest.approx(5 * 0.01) and x5["dropout"] == 0
+    assert x5["weight_decay"] == pytest.approx(5e-4 / 5) and not x5["lrn"]
+    assert x5["final_lr"] == pytest.approx(0.05 * 0.5**6)  # decay 6x faster
+    assert x5["shuffle"] == "epoch" and x5["augment"].startswith("light")
+    assert s["bn-x30"]["lr"] == pytest.approx(30 * 0.01)
+    for key in ("weight_decay", "dropout", "lrn", "shuffle", "augment", "bn"):
+        assert s["bn-x30"][key] == x5[key] and s["bn-x5-sigmoid"][key] == x5[key], key
+    assert s["bn-x5-sigmoid"]["activation"] == "sigmoid" and x5["activation"] == "relu"
+    # controls: no BN at x5; no BN with sigmoid
+    assert not s["inception-x5"]["bn"] and s["inception-x5"]["lr"] == pytest.approx(0.05)
+    assert s["inception-x5"]["may_diverge"]
+    assert not s["inception-sigmoid"]["bn"] and s["inception-sigmoid"]["activation"] == "sigmoid"
+    # ensemble variants: bn-x30 with larger initial weights / light dropout
+    assert s["bn-x30-init"]["init_gain"] > 1 and s["bn-x30-init"]["lr"] == s["bn-x30"]["lr"]
+    assert 0.05 <= s["bn-x30-dropout"]["dropout"] <= 0.1
+    # parameters: BN adds gamma/beta and drops biases, same count for every BN-ReLU net
+    assert s["bn-x5"]["params_per_copy"] == s["bn-x30"]["params_per_copy"]
+
+
+def test_presets_and_validation():
+    assert PRESETS["gpu"]["batch_size"] == 32 and PRESETS["cpu"]["batch_size"] == 32
+    assert config_for("cpu").data == "data/cifar10" and config_for("quick").data is None
+    validate(config_for("quick"))
+    for bad in (
+        dict(networks=["nope"]),
+        dict(base_lr=math.inf),
+        dict(base_lr=math.nan),
+        dict(batch_size=1),
+        dict(decay=0.0),
+        dict(steps=0),
+    ):
+        with pytest.raises(ValueError):
+            validate(config_for("quick", **bad))
+
+
+def test_shard_shuffle_keeps_shards_and_reshuffles_within():
+    n, b = 100, 10
+    sched = BatchSchedule(n, b, [0], shuffle="shard", shards=4)
+    epoch0 = torch.cat([sched.indices(k)[:, 0] for k in range(10)])
+    epoch1 = torch.cat([sched.indices(10 + k)[:, 0] for k in range(10)])
+    assert sorted(epoch0.tolist()) == list(range(n)) == sorted(epoch1.tolist())
+    assert not torch.equal(epoch0, epoch1)
+    for a, c in zip(epoch0.split(25), epoch1.split(25)):  # the same 4 shards, in order
+        assert set(a.tolist()) == set(c.tolist())
+    full = BatchSchedule(n, b, [0], shuffle="epoch")
+    e0 = torch.cat([full.indices(k)[:, 0] for k in range(10)])
+    e1 = torch.cat([full.indices(10 + k)[:, 0] for k in range(10)])
+    assert set(e0[:25].tolist()) != set(e1[:25].tolist())  # a full reshuffle crosses shards
+    with pytest.raises(ValueError):
+        BatchSchedule(n, b, [0], shuffle="sometimes")
+
+
+def test_ensemble_averages_member_probabilities():
+    y = torch.tensor([0, 1, 2])
+    # member A is right on 0 and 1; member B on 2 only; averaged, all three are right
+    a = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.5, 0.4, 0.1]])
+    b = torch.tensor([[0.4, 0.5, 0.1], [0.3, 0.3, 0.4], [0.1, 0.2, 0.7]])
+    e = ensemble_metrics([a, b], y)
+    assert e["member_top1"] == pytest.approx([2 / 3, 1 / 3])
+    # mean: [0.5, 0.4, 0.1], [0.25, 0.4, 0.35], [0.3, 0.3, 0.4] -> 0, 1, 2
+    assert e["ensemble_top1"] == pytest.approx(1.0)
+    assert e["ensemble_top5"] == pytest.approx(1.0)  # only 3 classes: always in the top 5
+
+
+@pytest.mark.slow
+def test_tiny_quick_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    args = ["reproduce", "inception", "--preset", "quick", "--steps", "6", "--eval-every", "3",
+            "--eval-examples", "64", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "figure2.png",
+                 "report.md", "report.html"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {r["arm"] for r in evals} == set(NETWORKS)
+    assert sorted({r["step"] for r in evals}) == [0, 3, 6]
+    assert {r["arm"] for r in records if r["kind"] == "settings"} == set(NETWORKS)
+    ensemble = [r for r in records if r["kind"] == "ensemble"]
+    assert len(ensemble) == 1 and len(ensemble[0]["members"]) == 4  # 2 bn-x30 seeds + 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["networks"]) == set(NETWORKS)
+    assert summary["networks"]["bn-x5"]["seeds"] == 2
+    assert summary["networks"]["inception-x5"]["seeds"] == 1
+    assert "NOT CIFAR-10" in summary["data"]
+    md = (out / "report.md").read_text()
+    assert "## Claims" in md and "Figure 3" in md and "ensemble" in md
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    # the report rebuilds from the records alone
+    (out / "figure2.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "figure2.png").stat().st_size > 10_000
