@@ -1,4 +1,4 @@
-"""`bnlab reproduce figure1`, `bnlab reproduce inception` (commands/inception.py) and `bnlab report RUN_DIR`."""
+"""`bnlab reproduce figure1`, `bnlab reproduce inception` and `bnlab report RUN_DIR`."""
 
 from __future__ import annotations
 
