@@ -17,7 +17,6 @@ two arms run in parallel worker processes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +82,6 @@ class Figure1Config:
         "thresholds",
         "bn_stats",
     )
-
-    def identity(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: d[k] for k in self.IDENTITY}
 
 
 def validate(cfg: Figure1Config) -> None:

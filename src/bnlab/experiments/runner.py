@@ -1,6 +1,6 @@
 """Run an experiment's arms and build its report: the run folder every experiment shares.
 
-An experiment module defines a config dataclass (with ``identity()``, the keys
+An experiment module defines a config dataclass (with ``IDENTITY``, the keys
 a run folder may only be resumed with) and an ``EXPERIMENT`` object with:
 
 - ``name``: the folder's experiment tag (``"figure1"``);
@@ -244,7 +244,8 @@ def run_experiment(
     exp.validate(cfg)
     exp.check_data(cfg)
     out = Path(out)
-    resuming = prepare_out_dir(out, exp.name, cfg.identity(), resume)
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
+    resuming = prepare_out_dir(out, exp.name, identity, resume)
     if main:
         _check_writable(out)
     if world > 1:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "ReportError", "build_report", "report_files"]
+__all__ = ["EXPERIMENTS", "ReportError", "build_report", "read_run", "report_files"]
 
 # experiment name (config.json's "experiment") -> its report module, imported on first use
 EXPERIMENTS = {"figure1": "bnlab.report.figure1", "inception": "bnlab.report.inception"}
@@ -43,6 +43,26 @@ def build_report(run_dir: str | Path) -> dict:
             experiment or one without a report, or the records are incomplete.
     """
     return _report_module(Path(run_dir)).build_report(Path(run_dir))
+
+
+def read_run(run_dir: Path, experiment: str) -> tuple[dict, dict, list[dict]]:
+    """config.json, env.json (empty if absent) and the records of a finished run.
+
+    Raises:
+        ReportError: config.json or metrics.jsonl is missing.
+    """
+    from bnlab.train.io import read_jsonl
+
+    for name in ("config.json", "metrics.jsonl"):
+        if not (run_dir / name).exists():
+            raise ReportError(
+                f"{run_dir} has no {name}: not a finished {experiment} run (resume it with "
+                f"`bnlab reproduce {experiment} --resume --out DIR` and its options)"
+            )
+    config = json.loads((run_dir / "config.json").read_text())
+    env_path = run_dir / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    return config, env, read_jsonl(run_dir / "metrics.jsonl")
 
 
 def report_files(run_dir: str | Path) -> list[Path]:

