@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bnlab verify
 	$(VENV)/bin/bnlab reproduce figure1
+	$(VENV)/bin/bnlab reproduce inception --preset quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q
