@@ -241,3 +241,38 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         if x["train_loss"] is not None:
             assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
         assert x["test_acc"] == pytest.approx(y["test_acc"], abs=0.003)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
+def test_sigterm_to_the_launcher_stops_its_workers(tmp_path):
+    """A SIGTERM to `bnlab reproduce` ends its worker processes too, not only itself."""
+    out = tmp_path / "run"
+    p = _bnlab("reproduce", "figure1", "--steps", "1000000", "--eval-every", "500000",
+               "--seeds", "1", "--quiet", "--out", str(out))  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "work").glob("*.jsonl"))) < 2:
+        time.sleep(0.2)
+    workers = _children(p.pid)
+    assert len(workers) >= 2, "expected one worker process per arm"
+    os.kill(p.pid, signal.SIGTERM)  # the launcher only, as a scheduler or `kill` would
+    p.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in alive:  # do not leave them running if the check fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their launcher"

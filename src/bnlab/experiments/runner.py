@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -172,6 +173,11 @@ def _worker(module, arm, cfg, out, resume, threads, progress, position):
 def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> None:
     """Train ``arms`` in at most ``workers`` processes at a time; raise if any failed."""
     ctx = mp.get_context("spawn")
+
+    def stop(signum, frame):  # SIGTERM: end like Ctrl-C, so the workers are stopped too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     pending = list(arms)
     running: dict[int, tuple[str, mp.Process]] = {}  # progress-bar line -> (arm, process)
     finished: list[tuple[str, int | None]] = []
@@ -192,6 +198,7 @@ def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> Non
                     finished.append((arm, p.exitcode))
                     del running[slot]
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for _, p in running.values():
             if p.is_alive():
                 p.terminate()

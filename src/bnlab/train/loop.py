@@ -288,6 +288,8 @@ def train(
             loss_sum += per_copy
             loss_n += 1
             done = step + 1
+            if world == 1 and os.getppid() != parent:  # launcher died: stop, not orphaned
+                return TrainResult(model, _bad_steps(first_bad))
             if done % job.eval_every and done != job.steps:
                 continue
             if world > 1:
@@ -317,8 +319,6 @@ def train(
             bar.update(done - bar.n)
             if not alive:
                 break  # every copy diverged: nothing left to train
-            if world == 1 and os.getppid() != parent:  # launcher died: stop, not orphaned
-                return TrainResult(model, bad_steps)
             # Checkpoint only right after an evaluation, so a resumed run's loss
             # windows and records line up exactly with an uninterrupted run's.
             if (
