@@ -13,6 +13,7 @@ import bnlab
 import bnlab.nn as bnn
 from bnlab.graph import is_batchnorm
 from bnlab.insert import Insertion, format_summary, insertion_summary
+from bnlab.models import SeedBatchedLinear
 from nets import paper_mlp
 
 
@@ -231,3 +232,27 @@ def test_algorithm2_readme_examples_run(capsys):
     for block in blocks:
         exec(compile(block, str(doc), "exec"), {})
     assert "BN layer(s) inserted" in capsys.readouterr().out
+
+
+def test_fx_path_treats_seed_batched_layers_as_leaves():
+    """A non-Sequential model with a SeedBatchedLinear (which fx cannot trace inside)
+    gets its BN through the torch.fx path: one BatchNorm1d over all copies' features."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = SeedBatchedLinear(2, 4, 3)
+            nn.init.normal_(self.lin.weight)
+
+        def forward(self, x):
+            return torch.sigmoid(self.lin(x)) * 2
+
+    torch.manual_seed(0)
+    net = Net()
+    bn_net = bnlab.insert_batchnorm(net)
+    bns = [m for m in bn_net.modules() if isinstance(m, bnn.BatchNorm1d)]
+    assert len(bns) == 1 and bns[0].num_features == 6 and bn_net.lin.bias is None
+    x = torch.randn(5, 8)
+    z = torch.bmm(net.lin.weight, x.view(5, 2, 4).permute(1, 2, 0)).permute(2, 0, 1)
+    z = z.reshape(5, 6)
+    ref = torch.sigmoid((z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)) * 2
+    torch.testing.assert_close(bn_net(x), ref, rtol=1e-5, atol=1e-6)

@@ -88,10 +88,13 @@ def is_sequential_tree(module: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with bnlab's BN modules kept as leaves like torch's own."""
+    """torch.fx's tracer, with bnlab's BN modules kept as leaves like torch's own, and
+    custom layers that declare a ``batchnorm_class`` (they stand for a Linear/ConvNd,
+    e.g. :class:`bnlab.models.mlp.SeedBatchedLinear`, whose forward fx cannot trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+        custom_layer = getattr(type(m), "batchnorm_class", None) is not None
+        return is_batchnorm(m) or custom_layer or super().is_leaf_module(m, qualname)
 
 
 class _LocatingTracer(_Tracer):

@@ -116,13 +116,6 @@ def _per_copy_input(x: Tensor, copies: int) -> Tensor:
     return x.repeat(1, copies, 1, 1)  # (N, 3, H, W) -> (N, S * 3, H, W)
 
 
-@fx.wrap
-def _call_opaque(module: nn.Module, x: Tensor) -> Tensor:
-    # SeedBatchedLinear.forward branches on the input's width (shared or per-copy
-    # input), which torch.fx cannot trace; recorded as one node it runs unchanged.
-    return module(x)
-
-
 class SeedLocalResponseNorm(nn.Module):
     """torch.nn.LocalResponseNorm within each copy's channels.
 
@@ -283,7 +276,7 @@ class InceptionNet(nn.Module):
         x = _per_copy_input(x, self.copies)  # (N, S * 3, H, W)
         x = self.blocks(self.stem(x))  # (N, S * C, H / 4, W / 4)
         x = self.pool(x).flatten(1)  # (N, S * C, 1, 1) -> (N, S * C), seed-major
-        return _call_opaque(self.classifier, self.dropout(x))  # (N, S * classes)
+        return self.classifier(self.dropout(x))  # (N, S * classes)
 
 
 # ----------------------------------------------------------------------------------
