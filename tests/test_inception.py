@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,21 @@ def test_tiny_quick_run_writes_every_output(tmp_path):
     (out / "figure2.png").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "figure2.png").stat().st_size > 10_000
+
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"CIFAR-10 not found at {SHARED_CIFAR}")
+def test_gpu_preset_runs_on_cuda(tmp_path):
+    """The gpu preset's code path on a CUDA device, cut to a few steps."""
+    out = tmp_path / "run"
+    args = ["reproduce", "inception", "--preset", "gpu", "--data", str(SHARED_CIFAR),
+            "--networks", "inception,bn-x5,bn-x30,bn-x30-init", "--steps", "20",
+            "--eval-every", "10", "--eval-examples", "500", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["networks"]["bn-x5"]["seeds"] == 3
+    assert json.loads((out / "env.json").read_text())["cuda"]

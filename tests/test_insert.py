@@ -237,6 +237,7 @@ def test_algorithm2_readme_examples_run(capsys):
 def test_fx_path_treats_seed_batched_layers_as_leaves():
     """A non-Sequential model with a SeedBatchedLinear (which fx cannot trace inside)
     gets its BN through the torch.fx path: one BatchNorm1d over all copies' features."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
