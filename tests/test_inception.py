@@ -86,6 +86,21 @@ def test_shard_shuffle_keeps_shards_and_reshuffles_within():
         BatchSchedule(n, b, [0], shuffle="sometimes")
 
 
+def test_process_slices_of_a_batch_join_to_the_whole_batch(tmp_path):
+    """Distortions are drawn per global batch, so data-parallel slices see the images
+    a single process sees (the basis of torchrun runs matching one process)."""
+    from bnlab.distributed import DistInfo
+    from bnlab.experiments.inception import build_job
+
+    job = build_job("inception", config_for("quick"), DistInfo(), tmp_path)
+    x, y = job.batch(3, slice(0, 32))
+    assert x.shape == (32, 6, 32, 32) and y.shape == (32, 2)
+    a, ya = job.batch(3, slice(0, 16))
+    b, yb = job.batch(3, slice(16, 32))
+    assert torch.equal(x, torch.cat([a, b])) and torch.equal(y, torch.cat([ya, yb]))
+    assert not torch.equal(x, job.batch(4, slice(0, 32))[0])
+
+
 def test_ensemble_averages_member_probabilities():
     y = torch.tensor([0, 1, 2])
     # member A is right on 0 and 1; member B on 2 only; averaged, all three are right
@@ -144,3 +159,36 @@ def test_gpu_preset_runs_on_cuda(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["networks"]["bn-x5"]["seeds"] == 3
     assert json.loads((out / "env.json").read_text())["cuda"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    """Under torchrun each network trains data-parallel (DDP + SyncBatchNorm over the
+    seeds' stacked channels) and logs what one process logs, up to float32 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    # Networks without dropout: its masks differ between one and two processes.
+    args = ["reproduce", "inception", "--preset", "quick", "--networks", "bn-x5,bn-x30",
+            "--steps", "8", "--eval-every", "4", "--eval-examples", "200", "--quiet"]  # fmt: skip
+    single = tmp_path / "single"
+    assert main([*args, "--out", str(single)]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "bnlab.cli", *args, "--out", str(ddp)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def evals(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+    a, b = evals(ddp), evals(single)
+    assert [(r["arm"], r["step"]) for r in a] == [(r["arm"], r["step"]) for r in b]
+    for x, y in zip(a, b):
+        if x["train_loss"] is not None:
+            assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-3)
+        assert x["test_acc"] == pytest.approx(y["test_acc"], abs=0.02)

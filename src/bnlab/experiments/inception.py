@@ -349,14 +349,15 @@ def build_job(name: str, cfg: InceptionConfig, info: DistInfo, work: Path) -> Tr
     lr0 = cfg.base_lr * spec.lr_mult
 
     def batch(step: int, rows: slice) -> tuple[Tensor, Tensor]:
-        idx = schedule.indices(step)[rows].to(dev)  # (b, S): copy k's examples in column k
-        b = len(idx)
-        gen = torch.Generator(device=dev).manual_seed(1_000_003 * (step + 1) + rows.start)
-        x = x_train[idx.reshape(-1)]  # (b*S, 3, 32, 32) uint8, copy-minor
-        x = random_crop_flip(x, pad, flip, gen).float() / 255
-        x = photometric(x, photo, photo, gen)
-        x = ((x - mean) / std).view(b, copies * 3, 32, 32)  # copy k's images in block k
-        return x.contiguous(memory_format=torch.channels_last), y_train[idx]
+        # The distortions are drawn for the whole global batch from the step alone, then
+        # this process takes its rows: data-parallel runs see the same images as one.
+        idx = schedule.indices(step).to(dev)  # (B, S): copy k's examples in column k
+        gen = torch.Generator(device=dev).manual_seed(1_000_003 * (step + 1))
+        x = x_train[idx.reshape(-1)]  # (B*S, 3, 32, 32) uint8, copy-minor
+        x = photometric(random_crop_flip(x, pad, flip, gen).float() / 255, photo, photo, gen)
+        x = x.view(len(idx), copies, 3, 32, 32)[rows]  # this process's rows
+        x = ((x - mean) / std).reshape(-1, copies * 3, 32, 32)  # copy k's images in block k
+        return x.contiguous(memory_format=torch.channels_last), y_train[idx[rows]]
 
     def loss(logits: Tensor, y: Tensor) -> Tensor:
         rows = TF.cross_entropy(logits.view(-1, 10), y.reshape(-1), reduction="none")
