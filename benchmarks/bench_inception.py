@@ -19,6 +19,8 @@ overhead over no-BN (ratio, same seeds and layout) and ours / torch BN.
     python benchmarks/bench_inception.py [--width 8] [--depth 1] [--threads 2]
         [--batch 32 128] [--repeats 10] [--models inception bnlab torch]
         [--seeds 1 2 2x1] [--layouts contiguous channels_last] [--json FILE]
+    python benchmarks/bench_inception.py --networks --threads 1 --batch 32
+        (each network of `bnlab reproduce inception` as the experiment trains it)
 """
 
 from __future__ import annotations
@@ -166,6 +168,50 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def run_networks(args) -> None:
+    """Time each named network of `bnlab reproduce inception` as it trains there: its
+    job's batch (augmentation included), forward, loss, backward and SGD step, with
+    the cpu preset's network and seeds, on the packaged digits (speed does not depend
+    on the pixels). Interleaved rounds, median; overhead is against `inception`."""
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from bnlab.distributed import DistInfo
+    from bnlab.experiments.inception import NETWORKS, build_job, config_for
+
+    cfg = config_for("cpu", data=None, width=args.width, depth=args.depth, batch_size=args.batch[0])
+    with TemporaryDirectory() as tmp:
+        jobs = {n: build_job(n, cfg, DistInfo(), Path(tmp)) for n in NETWORKS}
+    step = {n: 0 for n in jobs}
+
+    def one(name: str) -> float:
+        job = jobs[name]
+        t0 = time.perf_counter()
+        x, y = job.batch(step[name], slice(0, cfg.batch_size))
+        loss = job.loss(job.model(x), y).sum() / cfg.batch_size
+        job.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        job.optimizer.step()
+        step[name] += 1
+        return time.perf_counter() - t0
+
+    for name in jobs:
+        for _ in range(args.warmup):
+            one(name)
+    times = {n: [] for n in jobs}
+    for _ in range(args.repeats):
+        for name in jobs:
+            times[name].append(one(name))
+    base = statistics.median(times["inception"]) / jobs["inception"].copies
+    print(f"{'network':>18}  seeds  ms/step  steps/s  ms/copy-step  x inception (per copy)")
+    for name, t in times.items():
+        med, copies = statistics.median(t), jobs[name].copies
+        print(
+            f"{name:>18}  {copies:5d}  {1e3 * med:7.1f}  {1 / med:7.2f}  "
+            f"{1e3 * med / copies:12.1f}  {med / copies / base:6.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=8, help="inception_net width")
@@ -178,11 +224,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", choices=SEEDS, default=list(SEEDS))
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     p.add_argument("--json", help="also append one JSON line per row to this file")
+    p.add_argument(
+        "--networks",
+        action="store_true",
+        help="instead: time each network of `bnlab reproduce inception` (cpu preset settings)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.width < 2 or args.depth < 1:
         p.error("need --repeats >= 1, --warmup >= 0, --width >= 2, --depth >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.networks:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch[0]}"
+        )
+        run_networks(args)
+        return
     params = count_parameters(inception_net(width=args.width, depth=args.depth))
     print(
         f"Inception width={args.width} depth={args.depth}: {params} parameters per copy "
