@@ -276,3 +276,20 @@ def test_sigterm_to_the_launcher_stops_its_workers(tmp_path):
     for w in alive:  # do not leave them running if the check fails
         os.kill(w, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their launcher"
+
+
+def test_divergence_is_reported_and_fails_the_run(tmp_path, capsys):
+    """A learning rate that makes the loss non-finite: the report says where each arm
+    diverged, every file is strict JSON, and the exit status is not 0."""
+    out = tmp_path / "run"
+    args = ["reproduce", "figure1", "--steps", "20", "--eval-every", "10", "--seeds", "1",
+            "--lr", "1e30", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 3
+    assert "diverged" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"]
+    assert "**Diverged:" in (out / "report.md").read_text()
+    for name in ("summary.json", "config.json", "env.json"):
+        json.loads((out / name).read_text(), parse_constant=pytest.fail)
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=pytest.fail)

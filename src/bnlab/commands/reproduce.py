@@ -80,6 +80,10 @@ def _run_figure1(args: argparse.Namespace) -> int:
         if "final_test_acc_population_stats" in bn:
             print(f"with BN, population statistics: {f(bn['final_test_acc_population_stats'])}")
         print(f"report: {out / 'report.html'} (also report.md, figure1.png, summary.json)")
+    if summary.get("diverged"):  # a result to report, but not a successful run
+        what = "; ".join(f"{arm}: {text}" for arm, text in summary["diverged"].items())
+        print(f"bnlab reproduce figure1: diverged ({what}); lower --lr", file=sys.stderr)
+        return 3
     return 0
 
 

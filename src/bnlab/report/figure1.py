@@ -17,7 +17,9 @@ import numpy as np
 from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
+    diverged_copies,
     first_step_reaching,
+    fmt_diverged,
     fmt_pct,
     fmt_steps,
     mean_std_ci,
@@ -55,8 +57,9 @@ def _curves(records: list[dict], arm: str) -> dict:
         raise ReportError(f"no evaluation records for arm {arm!r}")
     return {  # values are (T, S): one row per evaluated step, one column per seed
         "steps": np.array([r["step"] for r in evals]),
-        "acc": np.array([r["test_acc"] for r in evals]),
-        **{k: np.array([r[k] for r in evals]) for k in ("p15", "p50", "p85")},
+        # null (a diverged network's non-finite value, see the loop) reads as NaN
+        "acc": np.array([r["test_acc"] for r in evals], dtype=float),
+        **{k: np.array([r[k] for r in evals], dtype=float) for k in ("p15", "p50", "p85")},
     }
 
 
@@ -64,6 +67,9 @@ def summarize(records: list[dict], config: dict) -> dict:
     """Headline numbers from the records (what summary.json holds)."""
     thresholds = config.get("thresholds", [0.9, 0.95, 0.97])
     out: dict = {"arms": {}, "thresholds": thresholds}
+    diverged = {arm: fmt_diverged(diverged_copies(records, arm)) for arm in ARMS}
+    if any(diverged.values()):  # a network with non-finite weights: say so, never hide it
+        out["diverged"] = {arm: text for arm, text in diverged.items() if text}
     for arm in ARMS:
         c = _curves(records, arm)
         finals = [r for r in records if r.get("kind") == "final" and r["arm"] == arm]
@@ -292,6 +298,14 @@ def _markdown(summary: dict, config: dict, env: dict, data_desc: str) -> str:
     lines = [
         "# Figure 1 reproduction (Section 4.1): MNIST with and without Batch Normalization",
         "",
+    ]
+    for arm, text in summary.get("diverged", {}).items():
+        lines += [
+            f"**Diverged: {ARM_LABELS[arm]}, {text}** (its loss became non-finite "
+            "or exceeded the bound; its later numbers are those of a broken network).",
+            "",
+        ]
+    lines += [
         "![Figure 1](figure1.png)",
         "",
         "## What was run",

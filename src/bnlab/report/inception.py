@@ -15,7 +15,9 @@ import numpy as np
 from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
+    diverged_copies,
     first_step_reaching,
+    fmt_diverged,
     fmt_pct,
     fmt_steps,
     mean_std_ci,
@@ -62,15 +64,6 @@ def _curves(records: list[dict], name: str) -> dict:
     return {"steps": np.array([r["step"] for r in evals]), "acc": acc, "loss": loss}
 
 
-def _diverged(records: list[dict], name: str) -> dict[int, int]:
-    """copy -> first bad step, from the ``diverged`` records."""
-    out: dict[int, int] = {}
-    for r in records:
-        if r.get("kind") == "diverged" and r["arm"] == name:
-            out.update(zip(r["copies"], r["first_bad_step"]))
-    return out
-
-
 def summarize(records: list[dict], config: dict) -> dict:
     """Headline numbers from the records (what summary.json holds)."""
     names = [n for n in config["networks"] if any(r.get("arm") == n for r in records)]
@@ -78,7 +71,7 @@ def summarize(records: list[dict], config: dict) -> dict:
         raise ReportError(f"the run has no {REFERENCE!r} network: nothing to compare against")
     settings = {r["arm"]: r for r in records if r.get("kind") == "settings"}
     ref = _curves(records, REFERENCE)
-    ref_ok = [k for k in range(ref["acc"].shape[1]) if k not in _diverged(records, REFERENCE)]
+    ref_ok = [k for k in range(ref["acc"].shape[1]) if k not in diverged_copies(records, REFERENCE)]
     ref_best = [float(np.nanmax(ref["acc"][:, k])) for k in ref_ok]
     # The target of Figure 3: Inception's best accuracy. With several seeds we take the
     # lowest of their bests, so that every Inception seed reaches it.
@@ -86,7 +79,7 @@ def summarize(records: list[dict], config: dict) -> dict:
     out: dict = {"target_acc": target, "networks": {}}
     for name in names:
         c = _curves(records, name)
-        bad = _diverged(records, name)
+        bad = diverged_copies(records, name)
         ok = [k for k in range(c["acc"].shape[1]) if k not in bad]
         finals = [r for r in records if r.get("kind") == "final" and r["arm"] == name]
         best = [float(np.nanmax(c["acc"][:, k])) for k in ok]
@@ -95,8 +88,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             "steps_completed": int(c["steps"][-1]),
             "best_test_acc": mean_std_ci(best) if best else None,
             "diverged_at": {str(k): v for k, v in sorted(bad.items())},
-            "diverged": ", ".join(f"seed {k} at step {v:,}" for k, v in sorted(bad.items()))
-            or None,
+            "diverged": fmt_diverged(bad) or None,
         }
         s["best_text"] = fmt_pct(s["best_test_acc"]) if best else "n/a (every seed diverged)"
         if finals:

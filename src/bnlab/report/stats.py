@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "diverged_copies",
+    "fmt_diverged",
     "first_step_reaching",
     "fmt_pct",
     "fmt_steps",
@@ -178,6 +180,20 @@ def speedup(
     if all(x is None for x in reference_steps):
         return {"at_least": float(reference_completed / other)}
     return None
+
+
+def diverged_copies(records: Sequence[dict], arm: str) -> dict[int, int]:
+    """Copy (seed index) -> first bad step of ``arm``, from the loop's ``diverged`` records."""
+    out: dict[int, int] = {}
+    for r in records:
+        if r.get("kind") == "diverged" and r.get("arm") == arm:
+            out.update(zip(r["copies"], r["first_bad_step"]))
+    return dict(sorted(out.items()))
+
+
+def fmt_diverged(copies: dict[int, int]) -> str:
+    """``seed 1 at step 1,200, seed 2 at step 900`` (empty string: none diverged)."""
+    return ", ".join(f"seed {k} at step {v:,}" for k, v in copies.items())
 
 
 def verdict(ok: bool, text: str) -> str:
