@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bnlab.commands.run import run_from_cli
     from bnlab.data import CIFARDataError
-    from bnlab.experiments.inception import NETWORKS, config_for, run_inception
-    from bnlab.experiments.runner import WorkerError
-    from bnlab.train.io import CheckpointError
+    from bnlab.experiments.inception import NETWORKS, config_for
 
     name = "bnlab reproduce inception"
     data = str(args.data) if args.data is not None else None
@@ -48,27 +45,10 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print(f"{name}: error: under torchrun pass --out DIR", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("runs") / "inception" / time.strftime("%Y%m%d-%H%M%S"))
-    log = (lambda *a, **k: None) if args.quiet else print
-    try:
-        summary = run_inception(
-            cfg,
-            out,
-            resume=args.resume,
-            workers=args.workers,
-            progress=not args.quiet,
-            log=log,
-            timeout=args.timeout,
-        )
-    except (ValueError, CIFARDataError, CheckpointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except WorkerError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
+    result = run_from_cli("bnlab.experiments.inception", cfg, args, (CIFARDataError,))
+    if isinstance(result, int):
+        return result
+    out, summary = result
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if not args.quiet:

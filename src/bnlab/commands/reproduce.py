@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 from bnlab.commands import inception as inception_command
+from bnlab.commands.run import run_from_cli
 from bnlab.experiments.figure1 import FULL_STEPS, PACKAGED_STEPS, Figure1Config
 
 
@@ -21,8 +20,6 @@ def _positive_int(text: str) -> int:
 
 def _run_figure1(args: argparse.Namespace) -> int:
     from bnlab.data import MNISTDataError
-    from bnlab.experiments.figure1 import run_figure1
-    from bnlab.train.io import CheckpointError
 
     steps = (
         args.steps
@@ -43,31 +40,10 @@ def _run_figure1(args: argparse.Namespace) -> int:
         device=args.device,
         bn_stats=args.bn_stats,
     )
-    if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print(
-            "bnlab reproduce figure1: error: under torchrun pass --out DIR, so that every "
-            "process writes to the same run folder",
-            file=sys.stderr,
-        )
-        return 2
-    out = Path(args.out or Path("runs") / "figure1" / time.strftime("%Y%m%d-%H%M%S"))
-    log = (lambda *a, **k: None) if args.quiet else print
-    try:
-        summary = run_figure1(
-            cfg,
-            out,
-            resume=args.resume,
-            workers=args.workers,
-            progress=not args.quiet,
-            log=log,
-            timeout=args.timeout,
-        )
-    except (ValueError, MNISTDataError, CheckpointError) as e:
-        print(f"bnlab reproduce figure1: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a worker failed; its traceback is in OUT/work/<arm>.error
-        print(f"bnlab reproduce figure1: {e}", file=sys.stderr)
-        return 1
+    result = run_from_cli("bnlab.experiments.figure1", cfg, args, (MNISTDataError,))
+    if isinstance(result, int):
+        return result
+    out, summary = result
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
