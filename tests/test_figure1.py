@@ -149,7 +149,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_run, tmp_path, capsys):
     assert (
         main(["reproduce", "figure1", *TINY, "--workers", "1", "--resume", "--out", str(run)]) == 2
     )
-    assert "cannot be loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt} is damaged" in err and "cannot be trusted" in err
+    assert "weights_only=False" not in err  # never suggest the code-executing load
+    ckpt.unlink()  # what the message says to do, which then recovers the run
+    assert (
+        main(["reproduce", "figure1", *TINY, "--workers", "1", "--resume", "--out", str(run)]) == 0
+    )
 
 
 def test_seed_batched_copies_equal_separate_networks():

@@ -192,3 +192,38 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         if x["train_loss"] is not None:
             assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-3)
         assert x["test_acc"] == pytest.approx(y["test_acc"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
+    """kill -9 in the middle, then --resume: the same records as one uninterrupted run
+    (dropout, distortions and batch order are functions of the step)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("bnlab")
+    args = [str(exe), "reproduce", "inception", "--preset", "quick",
+            "--networks", "inception,bn-baseline", "--steps", "120", "--eval-every", "20",
+            "--checkpoint-every", "40", "--eval-examples", "200", "--quiet"]  # fmt: skip
+    ref = tmp_path / "ref"
+    assert subprocess.run([*args, "--out", str(ref)], timeout=600).returncode == 0
+    run = tmp_path / "run"
+    p = subprocess.Popen([*args, "--out", str(run)], start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(
+        (run / "work" / f"{n}.pt").exists() for n in ("inception", "bn-baseline")
+    ):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers, mid-run
+    p.wait()
+    assert not (run / "metrics.jsonl").exists()
+    assert subprocess.run([*args, "--resume", "--out", str(run)], timeout=600).returncode == 0
+
+    def records(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] in ("eval", "final")]
+
+    assert records(run) == records(ref)

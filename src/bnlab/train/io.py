@@ -102,9 +102,12 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, unsafe global, ...
+        # PyTorch's own text may suggest weights_only=False: for a tampered file that
+        # runs its code, so it is not passed on (the cause stays chained for debugging).
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); delete it to "
-            "restart that part of the run from scratch"
+            f"checkpoint {path} is damaged or was not written by bnlab ({type(e).__name__}), "
+            "so it cannot be trusted and was not loaded; delete it and rerun the same "
+            "command with --resume (that part of the run then trains again from step 0)"
         ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a bnlab training checkpoint")
