@@ -338,6 +338,15 @@ def _markdown(summary: dict, config: dict, env: dict, data: str) -> str:
         fig3,
         "",
     ]
+    ref = nets.get("inception", {})
+    if ref.get("steps_to_target") and all(
+        x == ref["steps_completed"] for x in ref["steps_to_target"]
+    ):
+        lines += [
+            "Inception reached its best only at its last step: it was still improving, so "
+            "a longer run would raise the target and the step counts of every network.",
+            "",
+        ]
     e = summary.get("ensemble")
     if e:
         member_rows = [
