@@ -35,7 +35,6 @@ from bnlab.train.loop import TrainJob, evaluation, make_sgd
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
-    "EXPERIMENT",
     "BatchSchedule",
     "Figure1Config",
     "build_arm_model",
@@ -225,21 +224,8 @@ def describe(cfg: Figure1Config) -> list[str]:
     return lines
 
 
-class _Figure1:
-    """The hooks :func:`bnlab.experiments.runner.run_experiment` calls."""
-
-    name = "figure1"
-    validate = staticmethod(validate)
-    check_data = staticmethod(check_data)
-    describe = staticmethod(describe)
-    build_job = staticmethod(build_job)
-
-    @staticmethod
-    def arms(cfg: Figure1Config) -> tuple[str, ...]:
-        return ARMS
-
-
-EXPERIMENT = _Figure1()
+def arms(cfg: Figure1Config) -> tuple[str, ...]:
+    return ARMS
 
 
 def run_figure1(

@@ -45,14 +45,12 @@ from bnlab.data import load_cifar10, load_packaged_mnist
 from bnlab.data.augment import photometric, random_crop_flip
 from bnlab.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, ImageData
 from bnlab.distributed import DistInfo
-from bnlab.experiments.runner import run_experiment
 from bnlab.insert import insert_batchnorm
 from bnlab.models.inception import count_parameters, inception_net
 from bnlab.train.loop import TrainJob, evaluation, make_sgd
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
-    "EXPERIMENT",
     "MAIN",
     "NETWORKS",
     "PRESETS",
@@ -60,8 +58,6 @@ __all__ = [
     "NetworkSpec",
     "build_network",
     "ensemble_metrics",
-    "network_spec",
-    "run_inception",
 ]
 
 
@@ -105,7 +101,6 @@ NETWORKS: dict[str, NetworkSpec] = {
     "bn-x30-dropout": dataclasses.replace(_BN_X5, lr_mult=30.0, dropout=0.1),
 }
 MAIN = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid")
-CONTROLS = ("inception-x5", "inception-sigmoid")
 ENSEMBLE_VARIANTS = ("bn-x30-init", "bn-x30-dropout")
 ENSEMBLE_BASE = "bn-x30"
 AUGMENT = {  # (crop padding, horizontal flip, photometric strength)
@@ -197,10 +192,6 @@ class InceptionConfig:
 
     def copies(self, network: str) -> int:
         return self.seeds if network in MAIN else self.control_seeds
-
-
-def network_spec(name: str) -> NetworkSpec:
-    return NETWORKS[name]
 
 
 def validate(cfg: InceptionConfig) -> None:
@@ -479,22 +470,8 @@ def describe(cfg: InceptionConfig) -> list[str]:
     return lines
 
 
-class _Inception:
-    """The hooks :func:`bnlab.experiments.runner.run_experiment` calls."""
-
-    name = "inception"
-    validate = staticmethod(validate)
-    check_data = staticmethod(check_data)
-    describe = staticmethod(describe)
-    build_job = staticmethod(build_job)
-    after_training = staticmethod(after_training)
-
-    @staticmethod
-    def arms(cfg: InceptionConfig) -> list[str]:
-        return list(cfg.networks)
-
-
-EXPERIMENT = _Inception()
+def arms(cfg: InceptionConfig) -> list[str]:
+    return list(cfg.networks)
 
 
 def config_for(preset: str, **overrides) -> InceptionConfig:
@@ -503,16 +480,3 @@ def config_for(preset: str, **overrides) -> InceptionConfig:
         raise ValueError(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return InceptionConfig(preset=preset, **values)
-
-
-def run_inception(
-    cfg: InceptionConfig,
-    out: Path,
-    resume: bool = False,
-    workers: int = 2,
-    progress: bool = True,
-    log=print,
-    timeout: float = 300.0,
-) -> dict | None:
-    """Run (or resume) the Section 4.2 experiment in ``out`` and build its report."""
-    return run_experiment(__name__, cfg, out, resume, workers, progress, log, timeout)

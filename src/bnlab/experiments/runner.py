@@ -1,9 +1,9 @@
 """Run an experiment's arms and build its report: the run folder every experiment shares.
 
-An experiment module defines a config dataclass (with ``IDENTITY``, the keys
-a run folder may only be resumed with) and an ``EXPERIMENT`` object with:
+An experiment is a module (``bnlab.experiments.figure1``), named in run folders
+by its last component (``"figure1"``). It defines a config dataclass (with
+``IDENTITY``, the keys a run folder may only be resumed with) and the functions:
 
-- ``name``: the folder's experiment tag (``"figure1"``);
 - ``validate(cfg)``: raise ValueError with one clear message for bad options;
 - ``check_data(cfg)``: fail fast, before any output, on missing/corrupt data;
 - ``arms(cfg)``: the arms to train, in order;
@@ -135,7 +135,7 @@ def _check_writable(out: Path) -> None:
 
 
 def _experiment(module: str):
-    return importlib.import_module(module).EXPERIMENT
+    return importlib.import_module(module)
 
 
 def _train_arm(module, arm, cfg, out, resume, threads, progress, position, info=None):
@@ -231,7 +231,8 @@ def run_experiment(
     """Run (or resume) an experiment in ``out`` and build its report.
 
     Args:
-        module: the experiment module (``"bnlab.experiments.figure1"``).
+        module: the experiment module (``"bnlab.experiments.figure1"``); its last
+            component names the experiment in config.json.
         cfg: its config dataclass.
         out: the run folder.
         resume: continue the run in ``out`` from its checkpoints.
@@ -245,14 +246,14 @@ def run_experiment(
     """
     from bnlab.report import build_report
 
-    exp = _experiment(module)
+    exp, name = _experiment(module), module.rsplit(".", 1)[-1]
     info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
     main, world = info.is_main, info.world_size
     exp.validate(cfg)
     exp.check_data(cfg)
     out = Path(out)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
-    resuming = prepare_out_dir(out, exp.name, identity, resume)
+    resuming = prepare_out_dir(out, name, identity, resume)
     if main:
         _check_writable(out)
     if world > 1:
@@ -260,9 +261,7 @@ def run_experiment(
     work = out / "work"
     if main:
         if not resuming:
-            write_json(
-                out / "config.json", {"experiment": exp.name, "config": dataclasses.asdict(cfg)}
-            )
+            write_json(out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)})
             write_json(out / "env.json", env_info())
         work.mkdir(exist_ok=True)
         for arm in exp.arms(cfg):  # every start, resumes included, begins clean
@@ -288,7 +287,7 @@ def run_experiment(
             how = f"{world} data-parallel processes (DDP, {stats})"
         else:
             how = f"{workers} worker(s)"
-        log(f"{exp.name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
+        log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
         for line in exp.describe(cfg):
             log(line)
     t0 = time.perf_counter()
