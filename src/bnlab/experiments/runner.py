@@ -248,63 +248,71 @@ def run_experiment(
 
     exp, name = _experiment(module), module.rsplit(".", 1)[-1]
     info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
-    main, world = info.is_main, info.world_size
-    exp.validate(cfg)
-    exp.check_data(cfg)
-    out = Path(out)
-    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
-    resuming = prepare_out_dir(out, name, identity, resume)
-    if main:
-        _check_writable(out)
-    if world > 1:
-        dist.barrier()
-    work = out / "work"
-    if main:
-        if not resuming:
-            write_json(out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)})
-            write_json(out / "env.json", env_info())
-        work.mkdir(exist_ok=True)
-        for arm in exp.arms(cfg):  # every start, resumes included, begins clean
-            (work / f"{arm}.error").unlink(missing_ok=True)
-    if world > 1:
-        dist.barrier()
-    arms = exp.arms(cfg)
-    cores = os.cpu_count() or 1
-    device = getattr(cfg, "device", "cpu")
-    workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
-    threads = max(1, cores // workers)
-    if world > 1:
-        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's cap, as torch honours it
-        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
-    if main:
+    try:
+        main, world = info.is_main, info.world_size
+        exp.validate(cfg)
+        exp.check_data(cfg)
+        out = Path(out)
+        identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
+        resuming = prepare_out_dir(out, name, identity, resume)
+        if main:
+            _check_writable(out)
         if world > 1:
-            stats = (
-                "SyncBatchNorm"
-                if getattr(cfg, "bn_stats", "sync") == "sync"
-                else "per-process ghost BN statistics"
-            )
-            how = f"{world} data-parallel processes (DDP, {stats})"
+            dist.barrier()
+        work = out / "work"
+        if main:
+            if not resuming:
+                write_json(
+                    out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)}
+                )
+                write_json(out / "env.json", env_info())
+            work.mkdir(exist_ok=True)
+            for arm in exp.arms(cfg):  # every start, resumes included, begins clean
+                (work / f"{arm}.error").unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+        arms = exp.arms(cfg)
+        cores = os.cpu_count() or 1
+        device = getattr(cfg, "device", "cpu")
+        workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
+        threads = max(1, cores // workers)
+        if world > 1:
+            threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's cap, as torch honours it
+            threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
+        if main:
+            if world > 1:
+                stats = (
+                    "SyncBatchNorm"
+                    if getattr(cfg, "bn_stats", "sync") == "sync"
+                    else "per-process ghost BN statistics"
+                )
+                how = f"{world} data-parallel processes (DDP, {stats})"
+            else:
+                how = f"{workers} worker(s)"
+            log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
+            for line in exp.describe(cfg):
+                log(line)
+        t0 = time.perf_counter()
+        if workers == 1:
+            for i, arm in enumerate(arms):
+                _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
         else:
-            how = f"{workers} worker(s)"
-        log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
-        for line in exp.describe(cfg):
-            log(line)
-    t0 = time.perf_counter()
-    if workers == 1:
-        for i, arm in enumerate(arms):
-            _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
-    else:
-        _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
-    elapsed = time.perf_counter() - t0
-    if not main:
-        return None
-    records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
-    after = getattr(exp, "after_training", None)
-    if after is not None:
-        records += after(cfg, out, records)
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    env = json.loads((out / "env.json").read_text())
-    env["train_seconds_last_session"] = round(elapsed, 1)
-    write_json(out / "env.json", env)
-    return build_report(out)
+            _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
+        elapsed = time.perf_counter() - t0
+        if not main:
+            return None
+        records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
+        after = getattr(exp, "after_training", None)
+        if after is not None:
+            records += after(cfg, out, records)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        env = json.loads((out / "env.json").read_text())
+        env["train_seconds_last_session"] = round(elapsed, 1)
+        write_json(out / "env.json", env)
+        return build_report(out)
+    finally:
+        # Leave no process group behind: gloo's threads alive at interpreter exit can
+        # abort the process ("terminate called without an active exception").
+        if info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
