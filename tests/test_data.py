@@ -219,7 +219,66 @@ def test_download_failure_leaves_no_file(tmp_path, monkeypatch):
     served = _fake_official(tmp_path, monkeypatch)
     (served / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"corrupt"))
     target = tmp_path / "target"
-    with _Server(served) as srv, pytest.raises(DownloadError, match="checksum"):
+    with _Server(served) as srv, pytest.raises(DownloadError, match="not the expected file"):
         download_mnist(target, mirrors=[srv.url], retries=2, progress=False, log=lambda *a: None)
     assert not (target / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list(target.glob("*.part"))
+
+
+def _bad_deflate(data: bytes) -> bytes:
+    """A gzip file with a valid header whose deflate stream is corrupt (zlib.error)."""
+    packed = bytearray(gzip.compress(data))
+    packed[10:20] = b"\xff" * 10  # just past the 10-byte header: invalid block type
+    return bytes(packed)
+
+
+def test_corrupt_deflate_stream_is_named_not_a_zlib_traceback(tmp_path):
+    write_small_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_bad_deflate(gzip.decompress(path.read_bytes())))
+    with pytest.raises(MNISTDataError, match="train-images-idx3-ubyte.gz.*download it again"):
+        load_mnist_dir(tmp_path, check_shapes=False)
+
+
+def test_download_replaces_a_file_with_a_corrupt_deflate_stream(tmp_path, monkeypatch):
+    served = _fake_official(tmp_path, monkeypatch)
+    target = tmp_path / "target"
+    target.mkdir()
+    name = "train-images-idx3-ubyte.gz"
+    (target / name).write_bytes(_bad_deflate(gzip.decompress((served / name).read_bytes())))
+    with _Server(served) as srv:
+        download_mnist(target, mirrors=[srv.url], progress=False, log=lambda *a: None)
+    assert (target / name).read_bytes() == (served / name).read_bytes()
+
+
+def test_kaggle_style_file_names_are_found(tmp_path):
+    parts = write_small_mnist(tmp_path, gz=False)
+    for name in parts:  # train-images-idx3-ubyte -> train-images.idx3-ubyte, as Kaggle names them
+        (tmp_path / name).rename(tmp_path / name.replace("-idx", ".idx"))
+    data = load_mnist_dir(tmp_path, check_shapes=False)
+    assert data.x_train.shape == (12, 784) and data.y_test.shape == (5,)
+
+
+def test_download_says_what_was_wrong_and_which_mirror_it_tries(tmp_path, monkeypatch):
+    served = _fake_official(tmp_path, monkeypatch)
+    name = "t10k-labels-idx1-ubyte.gz"
+    (served / name).write_bytes((served / name).read_bytes()[:20])  # a cut-off download
+    messages = []
+    with _Server(served) as srv, pytest.raises(DownloadError) as e:
+        download_mnist(
+            tmp_path / "t", mirrors=[srv.url], retries=1, progress=False, log=messages.append
+        )
+    assert "incomplete download" in str(e.value) and "None" not in str(e.value)
+    assert any(f"fetching {srv.url}{name} (try 1 of 1" in m for m in messages)
+
+
+def test_download_refuses_zero_retries_and_a_bad_timeout(tmp_path, capsys):
+    from bnlab.cli import main
+
+    with pytest.raises(ValueError, match="retries must be at least 1"):
+        download_mnist(tmp_path, retries=0, progress=False, log=lambda *a: None)
+    for flag, value in (("--retries", "0"), ("--timeout", "-1"), ("--timeout", "nan")):
+        with pytest.raises(SystemExit) as e:
+            main(["data", "download", "mnist", "--dir", str(tmp_path / "d"), flag, value])
+        assert e.value.code == 2
+        assert f"argument {flag}: must be" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # Modules that provide subcommands, in the order `bnlab --help` lists them.
 COMMAND_MODULES = [
@@ -36,12 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The (sub)parser of the subcommand ``args`` selected, e.g. `bnlab reproduce figure1`'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _leaf_parser(action.choices[chosen], args)
+    return parser
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"bnlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the usage of the subcommand they were given to
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = argv  # so that a run can print the exact command that resumes it
+    warnings.formatwarning = _format_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -6,16 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from bnlab.commands import HelpFormatter, positive_float, positive_int
+
 
 def _quiet_log(*args) -> None:
     pass
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -29,6 +24,7 @@ def _download(args: argparse.Namespace) -> int:
 
     common = dict(
         retries=args.retries,
+        timeout=args.timeout,
         progress=not args.quiet,
         log=_quiet_log if args.quiet else print,
     )
@@ -60,7 +56,13 @@ def _add_common(p: argparse.ArgumentParser, default_dir: str) -> None:
         default=None,
         help="base URL to fetch from (repeatable); default: the usual public mirrors",
     )
-    p.add_argument("--retries", type=_positive_int, default=3, help="tries per mirror and file")
+    p.add_argument("--retries", type=positive_int, default=3, help="tries per mirror and file")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds each network operation may wait (a stalled mirror fails after this)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_download)
 
@@ -74,7 +76,7 @@ def add_parser(subparsers) -> None:
     which = dl.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     m = which.add_parser(
         "mnist",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         help="the four MNIST IDX files, verified by MD5",
         description="Download the four MNIST IDX files (gzip), verify each against the MD5 of "
         "the published original, and write them atomically; partial downloads resume.",
@@ -82,7 +84,7 @@ def add_parser(subparsers) -> None:
     _add_common(m, "data/mnist")
     c = which.add_parser(
         "cifar10",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         help="the CIFAR-10 archive, verified by MD5",
         description="Download the CIFAR-10 archive (170 MB), verify it against the published "
         "MD5, and write it atomically; a partial download resumes. It stays packed: "

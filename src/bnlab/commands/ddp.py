@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from bnlab.commands import HelpFormatter
+
 
 def _problems(args: argparse.Namespace, world: int) -> list[str]:
     """What is wrong with the options, each with its fix (empty when they are usable)."""
@@ -30,10 +32,22 @@ def _problems(args: argparse.Namespace, world: int) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the model cannot be saved to ``out`` (checked before training), or None."""
+    from bnlab.train.io import folder_problem
+
+    if out.is_dir():
+        return f"--out {out} is a folder; give a file name, e.g. {out / 'model.pt'}"
+    problem = folder_problem(out.parent)
+    return f"--out {out}: {problem}; choose a writable path" if problem else None
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
     problems = _problems(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.out is not None and int(os.environ.get("RANK", "0")) == 0:
+        problems += [p for p in [_out_problem(args.out)] if p]
     if problems:
         print("bnlab train-ddp: error: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -86,7 +100,15 @@ def _run(args: argparse.Namespace) -> int:
             f"accuracy {100 * acc:.2f}% (moving-average BN statistics)"
         )
         if args.out:
-            save_checkpoint(Path(args.out), {"step": args.steps, "model": net.state_dict()})
+            try:
+                save_checkpoint(Path(args.out), {"step": args.steps, "model": net.state_dict()})
+            except OSError as e:
+                print(
+                    f"bnlab train-ddp: error: cannot save the model to {args.out} "
+                    f"({e.strerror or e})",
+                    file=sys.stderr,
+                )
+                return 1
             log(f"checkpoint: {args.out}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -97,7 +119,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train-ddp",
         help="data-parallel training of the MNIST BN network (launch with torchrun)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train the Section 4.1 network with BN on MNIST with DistributedDataParallel "
         "when launched by torchrun (one process otherwise). Each process takes a slice of every "
         "global mini-batch; BN statistics are global (SyncBatchNorm) or per process (ghost). "

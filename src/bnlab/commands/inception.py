@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from bnlab.commands import HelpFormatter, integer
+from bnlab.commands.run import add_run_options
+
 
 def _run(args: argparse.Namespace) -> int:
     from bnlab.commands.run import run_from_cli
@@ -87,7 +90,7 @@ def add_parser(experiments) -> None:
     p = experiments.add_parser(
         "inception",
         help="Section 4.2 / Figures 2-3 and the 4.2.3 ensemble: Inception with and without BN",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train the networks of Section 4.2.2 (a small seed-batched Inception) "
         "and write config.json, env.json, metrics.jsonl, summary.json, figure2.png, report.md "
         "and report.html to --out. Presets: quick (offline, packaged MNIST digits as colour "
@@ -109,27 +112,29 @@ def add_parser(experiments) -> None:
         "cifar-10-python.tar.gz (see `bnlab data download cifar10`)",
     )
     p.add_argument("--networks", default=None, help="comma-separated subset of the networks")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every network")
-    p.add_argument("--seeds", type=int, default=None, help="seeds of each main network")
+    p.add_argument("--steps", type=integer, default=None, help="training steps of every network")
+    p.add_argument("--seeds", type=integer, default=None, help="seeds of each main network")
     p.add_argument(
-        "--control-seeds", type=int, default=None, help="seeds of controls and ensemble variants"
+        "--control-seeds",
+        type=integer,
+        default=None,
+        help="seeds of controls and ensemble variants",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch (paper: 32)")
-    p.add_argument("--width", type=int, default=None, help="Inception width")
-    p.add_argument("--depth", type=int, default=None, help="Inception modules per stage")
+    p.add_argument("--batch-size", type=integer, default=None, help="mini-batch (paper: 32)")
+    p.add_argument("--width", type=integer, default=None, help="Inception width")
+    p.add_argument("--depth", type=integer, default=None, help="Inception modules per stage")
     p.add_argument("--base-lr", type=float, default=None, help="inception's learning rate")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--eval-every", type=integer, default=None, help="steps between evaluations")
     p.add_argument(
-        "--eval-examples", type=int, default=None, help="test images per evaluation during training"
+        "--eval-examples",
+        type=integer,
+        default=None,
+        help="test images per evaluation during training",
     )
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=integer, default=None, help="steps between checkpoints"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--bn-stats", choices=["sync", "ghost"], default=None, help="under torchrun")
-    p.add_argument(
-        "--timeout", type=float, default=300.0, help="under torchrun: collective timeout"
-    )
-    p.add_argument("--workers", type=int, default=2, help="networks trained at once (processes)")
-    p.add_argument("--out", type=Path, default=None, help="default: runs/inception/<timestamp>")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    add_run_options(p, "inception", "networks trained at once (processes)")
     p.set_defaults(func=_run)

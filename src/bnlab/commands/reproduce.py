@@ -6,16 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from bnlab.commands import HelpFormatter, integer
 from bnlab.commands import inception as inception_command
-from bnlab.commands.run import run_from_cli
+from bnlab.commands.run import add_run_options, run_from_cli
 from bnlab.experiments.figure1 import FULL_STEPS, PACKAGED_STEPS, Figure1Config
-
-
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _run_figure1(args: argparse.Namespace) -> int:
@@ -86,7 +80,7 @@ def add_parser(subparsers) -> None:
     p = exps.add_parser(
         "figure1",
         help="Section 4.1 / Figure 1: MNIST MLP with and without BN",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train the Section 4.1 network (784-100-100-100-10, sigmoid hidden units, "
         "weights N(0, init_std^2)) with and without BN on MNIST and write config.json, "
         "env.json, metrics.jsonl, summary.json, figure1.png, report.md and report.html to "
@@ -104,15 +98,15 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=integer,
         default=None,
         help=f"training steps per arm (default {FULL_STEPS:,} with --data as in "
         f"the paper, {PACKAGED_STEPS:,} on the packaged subset)",
     )
-    p.add_argument("--seeds", type=_positive_int, default=3, help="independent runs per arm")
+    p.add_argument("--seeds", type=integer, default=3, help="independent runs per arm")
     p.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=integer,
         default=60,
         help="mini-batch size (paper: 60; at least 2 for BN)",
     )
@@ -122,17 +116,17 @@ def add_parser(subparsers) -> None:
         "--init-std", type=float, default=0.01, help="std of the Gaussian initial weights"
     )
     p.add_argument(
-        "--eval-every", type=_positive_int, default=500, help="steps between test-set evaluations"
+        "--eval-every", type=integer, default=500, help="steps between test-set evaluations"
     )
     p.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
+        type=integer,
         default=5000,
         help="steps between checkpoints (taken at the next evaluation)",
     )
     p.add_argument(
         "--unit",
-        type=_positive_int,
+        type=integer,
         default=0,
         help="index of the last-hidden-layer sigmoid tracked in Figure 1(b, c)",
     )
@@ -144,25 +138,7 @@ def add_parser(subparsers) -> None:
         help="under torchrun: BN statistics of the global batch (SyncBatchNorm) or of each "
         "process's slice (ghost batch norm)",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="under torchrun: seconds a collective waits for a dead or stalled peer",
-    )
-    p.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=2,
-        help="processes (one per arm); each gets cores/workers threads",
-    )
-    p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: runs/figure1/<timestamp>)"
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoints"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    add_run_options(p, "figure1", "processes (one per arm); each gets cores/workers threads")
     p.set_defaults(func=_run_figure1)
     inception_command.add_parser(exps)
 

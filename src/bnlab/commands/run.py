@@ -1,16 +1,66 @@
 """What every `bnlab reproduce EXPERIMENT` command does around its experiment:
-choose the run folder, run it, and turn failures into one message and an exit status."""
+the options every experiment shares, the run folder, and turning failures and
+interruptions into one message and an exit status."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from bnlab.experiments.runner import run_experiment
+from bnlab.commands import positive_float, positive_int
+from bnlab.experiments.runner import Interrupted, run_experiment
 from bnlab.train.io import CheckpointError
+
+__all__ = ["add_run_options", "resume_command", "run_from_cli"]
+
+
+def add_run_options(p: argparse.ArgumentParser, experiment: str, workers_help: str) -> None:
+    """The options of the run folder and its processes, the same for every experiment."""
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=300.0,
+        help="under torchrun: seconds a collective waits for a dead or stalled peer",
+    )
+    p.add_argument("--workers", type=positive_int, default=2, help=workers_help)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default: runs/{experiment}/<timestamp>)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoints"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def resume_command(argv: list[str] | None, out: Path) -> str:
+    """The command that continues the run in ``out``: ``argv`` (the options as given,
+    without the program name) with ``--out out --resume`` in place of any given."""
+    kept, skip = [], False
+    for arg in argv or []:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not (arg == "--resume" or arg.startswith("--out=")):
+            kept.append(arg)
+    return shlex.join(["bnlab", *kept, "--out", str(out), "--resume"])
+
+
+def _os_error_message(e: OSError, out: Path) -> str:
+    where = e.filename or out
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device while writing {where}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded while writing {where}"
+    return f"cannot write {where} ({e.strerror or e})"
 
 
 def run_from_cli(
@@ -21,7 +71,8 @@ def run_from_cli(
     Returns:
         (run folder, summary; None on torchrun ranks other than 0), or the exit
         status after printing why it failed: 2 for bad options, data or files, 1 for
-        a failed worker or peer.
+        a failed worker or peer or a failed write, 128 + the signal's number when
+        interrupted (130 for Ctrl-C, 143 for SIGTERM).
     """
     experiment = module.rsplit(".", 1)[-1]
     name = f"bnlab reproduce {experiment}"
@@ -34,6 +85,14 @@ def run_from_cli(
         return 2
     out = Path(args.out or Path("runs") / experiment / time.strftime("%Y%m%d-%H%M%S"))
     log = (lambda *a, **k: None) if args.quiet else print
+    started = False
+
+    def started_log(*a, **k):  # the run folder exists once the first line is logged
+        nonlocal started
+        started = True
+        log(*a, **k)
+
+    resume = resume_command(getattr(args, "argv", None) or ["reproduce", experiment], out)
     try:
         summary = run_experiment(
             module,
@@ -42,13 +101,32 @@ def run_from_cli(
             resume=args.resume,
             workers=args.workers,
             progress=not args.quiet,
-            log=log,
+            log=started_log,
             timeout=args.timeout,
         )
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else 2
+        what = "interrupted" if signum == 2 else f"stopped by {e}"
+        if started:
+            print(
+                f"\n{name}: {what}; every finished checkpoint is kept in {out}. "
+                f"Continue with:\n  {resume}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"\n{name}: {what} before training started", file=sys.stderr)
+        return 128 + signum
     except (ValueError, CheckpointError, *data_errors) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, say: training so far is checkpointed
+        print(
+            f"{name}: error: {_os_error_message(e, out)}. Free some space (or fix the "
+            f"cause), then continue with:\n  {resume}",
+            file=sys.stderr,
+        )
+        return 1
     except RuntimeError as e:  # a worker or peer failed; the message says which and where
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: {e}\nContinue with:\n  {resume}", file=sys.stderr)
         return 1
     return out, summary

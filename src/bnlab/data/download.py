@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _md5_of_gzip(path: Path) -> str | None:
     try:
         with gzip.open(path, "rb") as f:
             return _md5_of(f)
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):  # zlib.error: a bad deflate stream
         return None
 
 
@@ -136,6 +137,10 @@ def _download_file(
     Raises:
         DownloadError: no mirror gave a verified file; lists every attempt.
     """
+    if retries < 1:
+        raise ValueError(f"retries must be at least 1 (tries per mirror), got {retries}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     if final.exists() and md5_of(final) == md5:
         log(f"{final.name}: present, checksum ok")
         return
@@ -144,6 +149,7 @@ def _download_file(
     for mirror in mirrors:
         url = mirror.rstrip("/") + f"/{final.name}"
         for attempt in range(1, retries + 1):
+            log(f"{final.name}: fetching {url} (try {attempt} of {retries}, timeout {timeout:g} s)")
             try:
                 _fetch(url, part, timeout, progress)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -155,7 +161,14 @@ def _download_file(
                 os.replace(part, final)  # atomic: the final name only ever holds good data
                 log(f"{final.name}: downloaded from {mirror}, checksum ok")
                 return
-            attempts.append(f"{url} (try {attempt}): checksum {got}, expected {md5}")
+            size = part.stat().st_size if part.exists() else 0
+            why = (
+                f"incomplete download or not the expected kind of file ({size:,} bytes "
+                "that cannot be read whole)"
+                if got is None
+                else f"not the expected file (MD5 {got}, expected {md5})"
+            )
+            attempts.append(f"{url} (try {attempt}): {why}")
             part.unlink(missing_ok=True)  # corrupt: start over, do not resume from it
     part.unlink(missing_ok=True)
     raise DownloadError(

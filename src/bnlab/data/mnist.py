@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def read_idx(path: Path, expected_shape: tuple[int, ...] | None = None) -> np.nd
         raw = path.read_bytes()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a bad deflate stream
         raise MNISTDataError(f"{path}: cannot read ({e}); download it again") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise MNISTDataError(f"{path}: not an IDX file (bad magic number); download it again")
@@ -86,10 +87,17 @@ def read_idx(path: Path, expected_shape: tuple[int, ...] | None = None) -> np.nd
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def file_names(name: str) -> tuple[str, ...]:
+    """The names one MNIST file goes by: LeCun's (``train-images-idx3-ubyte``) and the
+    Kaggle copy's (``train-images.idx3-ubyte``), each raw or gzipped."""
+    kaggle = name.replace("-idx", ".idx")
+    return (name, f"{name}.gz", kaggle, f"{kaggle}.gz")
+
+
 def _find(directory: Path, name: str) -> Path:
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
+    for candidate in file_names(name):
+        if (directory / candidate).is_file():
+            return directory / candidate
     raise MNISTDataError(
         f"{directory}: missing {name} (or {name}.gz); run `bnlab data download mnist "
         f"--dir {directory}` to fetch the four MNIST files"
@@ -170,7 +178,8 @@ def load_packaged_mnist(test_fraction: float = 0.2) -> Dataset:
     accuracies on this data are not comparable to the official test set's.
     """
     path = packaged_mnist_path()
-    table = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.int64)
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     x, y = table[:, :-1].astype(np.uint8), table[:, -1]
     every = round(1 / test_fraction)
     test = np.zeros(len(y), dtype=bool)

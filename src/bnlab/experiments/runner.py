@@ -20,6 +20,7 @@ the other data-parallel under ``torchrun``), merges ``work/<arm>.jsonl`` into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -29,22 +30,62 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from bnlab.distributed import DistInfo, init_distributed
-from bnlab.train.io import atomic_write_text, read_jsonl, write_json
+from bnlab.train.io import atomic_write_text, folder_problem, read_json, read_jsonl, write_json
 from bnlab.train.loop import train
 
-__all__ = ["WorkerError", "env_info", "prepare_out_dir", "run_experiment"]
+__all__ = ["Interrupted", "WorkerError", "env_info", "prepare_out_dir", "run_experiment"]
 
 
 class WorkerError(RuntimeError):
     """A training worker failed; the message says which arm and why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (Ctrl-C's SIGINT, or SIGTERM); ``signum`` says which."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM stops the run as Ctrl-C does (workers stopped, the resume
+    command printed), instead of killing the process silently."""
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_semaphore_tracker() -> None:
+    """Give tqdm a thread lock in worker processes.
+
+    tqdm's default write lock is a multiprocessing semaphore; a worker stopped by a
+    signal cannot release it, and Python's resource tracker then warns about a
+    "leaked semaphore" at shutdown. Spawned workers share nothing with their parent,
+    so a thread lock serves the same purpose.
+    """
+    tqdm.set_lock(threading.RLock())
 
 
 def env_info() -> dict:
@@ -86,11 +127,17 @@ def prepare_out_dir(out: Path, experiment: str, identity: dict, resume: bool) ->
     config_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder")
+    if resume and not config_path.exists():
+        where = "does not exist" if not out.exists() else "holds no bnlab run (no config.json)"
+        raise ValueError(
+            f"--resume: --out {out} {where}, so there is nothing to continue; check the "
+            "path, or leave out --resume to start a new run"
+        )
     if config_path.exists():
         try:
-            saved = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is corrupt; choose another --out") from e
+            saved = read_json(config_path)
+        except ValueError as e:
+            raise ValueError(f"{e}; choose another --out") from e
         if saved.get("experiment") != experiment:
             raise ValueError(
                 f"--out {out} holds a different experiment "
@@ -99,7 +146,7 @@ def prepare_out_dir(out: Path, experiment: str, identity: dict, resume: bool) ->
         diff = {
             k: (saved.get("config", {}).get(k), v)
             for k, v in identity.items()
-            if saved.get("config", {}).get(k) != v
+            if not _same_setting(k, saved.get("config", {}).get(k), v)
         }
         if diff:
             details = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -120,18 +167,22 @@ def prepare_out_dir(out: Path, experiment: str, identity: dict, resume: bool) ->
     return False
 
 
+def _same_setting(key: str, saved, now) -> bool:
+    """Whether a saved identity setting equals the current one; data folders compare as
+    resolved paths (``data/mnist`` and its absolute form are the same folder)."""
+    if key == "data" and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
+
+
 def _check_writable(out: Path) -> None:
     """Create ``out`` and write a probe file there, or say why not (before any training)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".bnlab-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
+    problem = folder_problem(out)
+    if problem:
         raise ValueError(
-            f"cannot write the output folder {out} ({e.strerror or e}); choose a writable "
-            "--out (or run from a folder you can write to)"
-        ) from e
+            f"--out {out}: {problem}; choose a writable --out (or run from a folder you "
+            "can write to)"
+        )
 
 
 def _experiment(module: str):
@@ -152,12 +203,16 @@ def _train_arm(module, arm, cfg, out, resume, threads, progress, position, info=
         bn_stats=getattr(cfg, "bn_stats", "sync"),
         progress=progress,
         position=position,
+        log=tqdm.write if progress else None,
     )
 
 
 def _worker(module, arm, cfg, out, resume, threads, progress, position):
+    _quiet_semaphore_tracker()
     try:
         _train_arm(module, arm, cfg, out, resume, threads, progress, position)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent reports it once
+        raise SystemExit(130) from None
     except BaseException as e:
         # Best effort: with a full disk this write fails too, and the parent falls
         # back to the exit status (the traceback is on stderr either way).
@@ -173,11 +228,6 @@ def _worker(module, arm, cfg, out, resume, threads, progress, position):
 def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> None:
     """Train ``arms`` in at most ``workers`` processes at a time; raise if any failed."""
     ctx = mp.get_context("spawn")
-
-    def stop(signum, frame):  # SIGTERM: end like Ctrl-C, so the workers are stopped too
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
     pending = list(arms)
     running: dict[int, tuple[str, mp.Process]] = {}  # progress-bar line -> (arm, process)
     finished: list[tuple[str, int | None]] = []
@@ -197,24 +247,37 @@ def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> Non
                 if not p.is_alive():
                     finished.append((arm, p.exitcode))
                     del running[slot]
+            if any(code != 0 for _, code in finished):
+                break  # fail fast; the other arms keep their checkpoints for --resume
     finally:
-        signal.signal(signal.SIGTERM, previous)
         for _, p in running.values():
             if p.is_alive():
                 p.terminate()
-    failed = []
+        for _, p in running.values():
+            p.join(timeout=5)
+    failed, details = [], []
     for arm, code in finished:
         if code == 0:
             continue
         err = out / "work" / f"{arm}.error"
-        text = err.read_text().strip() if err.exists() else ""
-        first = text.splitlines()[0] if text else f"exited with status {code}"
-        failed.append(f"{arm}: {first}")
+        try:
+            text = err.read_text().strip() if err.exists() else ""
+        except OSError:
+            text = ""
+        if text:
+            failed.append(f"{arm}: {text.splitlines()[0]}")
+            details.append(str(err))
+        elif code is not None and code < 0:
+            failed.append(f"{arm}: the worker was killed by {signal.Signals(-code).name}")
+        else:
+            failed.append(f"{arm}: the worker exited with status {code} (its error is above)")
     if failed:
+        where = f" (details in {', '.join(details)})" if details else ""
         raise WorkerError(
             "a training worker failed: "
             + "; ".join(failed)
-            + f" (details in {out / 'work'}); fix the cause and rerun with --resume"
+            + where
+            + "; fix the cause, then resume the run (--resume)"
         )
 
 
@@ -248,71 +311,73 @@ def run_experiment(
 
     exp, name = _experiment(module), module.rsplit(".", 1)[-1]
     info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
-    try:
-        main, world = info.is_main, info.world_size
-        exp.validate(cfg)
-        exp.check_data(cfg)
-        out = Path(out)
-        identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
-        resuming = prepare_out_dir(out, name, identity, resume)
-        if main:
-            _check_writable(out)
-        if world > 1:
-            dist.barrier()
-        work = out / "work"
-        if main:
-            if not resuming:
-                write_json(
-                    out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)}
-                )
-                write_json(out / "env.json", env_info())
-            work.mkdir(exist_ok=True)
-            for arm in exp.arms(cfg):  # every start, resumes included, begins clean
-                (work / f"{arm}.error").unlink(missing_ok=True)
-        if world > 1:
-            dist.barrier()
-        arms = exp.arms(cfg)
-        cores = os.cpu_count() or 1
-        device = getattr(cfg, "device", "cpu")
-        workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
-        threads = max(1, cores // workers)
-        if world > 1:
-            threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's cap, as torch honours it
-            threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
-        if main:
+    with _sigterm_interrupts():
+        try:
+            main, world = info.is_main, info.world_size
+            exp.validate(cfg)
+            exp.check_data(cfg)
+            out = Path(out)
+            identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
+            resuming = prepare_out_dir(out, name, identity, resume)
+            if main:
+                _check_writable(out)
             if world > 1:
-                stats = (
-                    "SyncBatchNorm"
-                    if getattr(cfg, "bn_stats", "sync") == "sync"
-                    else "per-process ghost BN statistics"
-                )
-                how = f"{world} data-parallel processes (DDP, {stats})"
+                dist.barrier()
+            work = out / "work"
+            if main:
+                if not resuming:
+                    write_json(
+                        out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)}
+                    )
+                    write_json(out / "env.json", env_info())
+                work.mkdir(exist_ok=True)
+                for arm in exp.arms(cfg):  # every start, resumes included, begins clean
+                    (work / f"{arm}.error").unlink(missing_ok=True)
+            if world > 1:
+                dist.barrier()
+            arms = exp.arms(cfg)
+            cores = os.cpu_count() or 1
+            device = getattr(cfg, "device", "cpu")
+            workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
+            threads = max(1, cores // workers)
+            if world > 1:
+                threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            cap = os.environ.get("OMP_NUM_THREADS", "")
+            if cap.isdigit():  # the user's cap, as torch honours it
+                threads = max(1, min(threads, int(cap)))
+            if main:
+                if world > 1:
+                    stats = (
+                        "SyncBatchNorm"
+                        if getattr(cfg, "bn_stats", "sync") == "sync"
+                        else "per-process ghost BN statistics"
+                    )
+                    how = f"{world} data-parallel processes (DDP, {stats})"
+                else:
+                    how = f"{workers} worker(s)"
+                log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
+                for line in exp.describe(cfg):
+                    log(line)
+            t0 = time.perf_counter()
+            if workers == 1:
+                for i, arm in enumerate(arms):
+                    _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
             else:
-                how = f"{workers} worker(s)"
-            log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
-            for line in exp.describe(cfg):
-                log(line)
-        t0 = time.perf_counter()
-        if workers == 1:
-            for i, arm in enumerate(arms):
-                _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
-        else:
-            _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
-        elapsed = time.perf_counter() - t0
-        if not main:
-            return None
-        records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
-        after = getattr(exp, "after_training", None)
-        if after is not None:
-            records += after(cfg, out, records)
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        env = json.loads((out / "env.json").read_text())
-        env["train_seconds_last_session"] = round(elapsed, 1)
-        write_json(out / "env.json", env)
-        return build_report(out)
-    finally:
-        # Leave no process group behind: gloo's threads alive at interpreter exit can
-        # abort the process ("terminate called without an active exception").
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+                _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
+            elapsed = time.perf_counter() - t0
+            if not main:
+                return None
+            records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
+            after = getattr(exp, "after_training", None)
+            if after is not None:
+                records += after(cfg, out, records)
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            env = read_json(out / "env.json")
+            env["train_seconds_last_session"] = round(elapsed, 1)
+            write_json(out / "env.json", env)
+            return build_report(out)
+        finally:
+            # Leave no process group behind: gloo's threads alive at interpreter exit can
+            # abort the process ("terminate called without an active exception").
+            if info.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()

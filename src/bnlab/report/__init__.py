@@ -14,7 +14,6 @@ files that ``build_report`` writes into the run folder.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from types import ModuleType
 
@@ -51,7 +50,7 @@ def read_run(run_dir: Path, experiment: str) -> tuple[dict, dict, list[dict]]:
     Raises:
         ReportError: config.json or metrics.jsonl is missing.
     """
-    from bnlab.train.io import read_jsonl
+    from bnlab.train.io import read_json, read_jsonl
 
     for name in ("config.json", "metrics.jsonl"):
         if not (run_dir / name).exists():
@@ -59,9 +58,9 @@ def read_run(run_dir: Path, experiment: str) -> tuple[dict, dict, list[dict]]:
                 f"{run_dir} has no {name}: not a finished {experiment} run (resume it with "
                 f"`bnlab reproduce {experiment} --resume --out DIR` and its options)"
             )
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json")
     env_path = run_dir / "env.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env = read_json(env_path) if env_path.exists() else {}
     return config, env, read_jsonl(run_dir / "metrics.jsonl")
 
 
@@ -83,10 +82,12 @@ def _report_module(run_dir: Path) -> ModuleType:
             f"{run_dir} has no config.json: not a bnlab run folder "
             "(`bnlab reproduce EXPERIMENT --out DIR` writes one)"
         )
+    from bnlab.train.io import read_json
+
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path} is not valid JSON ({e}); the run folder is damaged") from e
+        config = read_json(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
     experiment = config.get("experiment") if isinstance(config, dict) else None
     if not isinstance(experiment, str):
         raise ReportError(f'{path} names no experiment (no "experiment" string)')

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
+    "folder_problem",
+    "TornRecordWarning",
     "load_checkpoint",
+    "read_json",
     "read_jsonl",
     "save_checkpoint",
     "to_strict_json",
@@ -39,9 +43,50 @@ def _atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None and cause is not e:
+            # torch.save reports a failed write as "[enforce fail ...] unexpected pos";
+            # the OSError behind it (a full disk, say) is what the user needs to see.
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError that ``e`` is or was raised while handling, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created if needed), or None if they can.
+
+    Checks by doing: creates the folder and writes and removes a probe file, so a
+    read-only file system, a missing permission or a parent that is a file is found
+    before any work is done.
+    """
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".bnlab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or e})"
+    return None
 
 
 def to_strict_json(obj: Any) -> Any:
@@ -73,8 +118,38 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (killed mid-write) is dropped."""
+class TornRecordWarning(UserWarning):
+    """The last line of a JSON-lines file was cut off (a crash mid-write) and skipped."""
+
+
+def _json_error(path: Path, e: json.JSONDecodeError, line: int | None = None) -> ValueError:
+    where = f"line {line if line is not None else e.lineno}, column {e.colno}"
+    return ValueError(f"{path}, {where}: not valid JSON ({e.msg}); the file is damaged")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``.
+
+    Raises:
+        ValueError: not valid JSON; the message names the file and the line.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise _json_error(path, e) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e.reason}); the file is damaged") from e
+
+
+def read_jsonl(path: Path, warn: bool = True) -> list[dict]:
+    """Records of a JSON-lines file (none if it does not exist).
+
+    A torn last line (the writer was killed mid-write) is skipped, with a
+    :class:`TornRecordWarning` naming the file and line when ``warn``.
+
+    Raises:
+        ValueError: a line before the last is not valid JSON (named with its number).
+    """
     records = []
     if not Path(path).exists():
         return records
@@ -82,9 +157,16 @@ def read_jsonl(path: Path) -> list[dict]:
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if i != len(lines) - 1:
-                raise
+                raise _json_error(path, e, line=i + 1) from e
+            if warn:
+                warnings.warn(
+                    f"{path}, line {i + 1}: a torn record (cut off mid-write, as by a crash) "
+                    "was skipped; what it held is missing from this report",
+                    TornRecordWarning,
+                    stacklevel=2,
+                )
     return records
 
 

@@ -167,6 +167,7 @@ def train(
     progress: bool = True,
     position: int = 0,
     on_record: Callable[[dict], None] | None = None,
+    log: Callable[[str], object] | None = None,
 ) -> TrainResult:
     """Train ``job`` (or continue it from its checkpoint), logging and checkpointing.
 
@@ -181,6 +182,7 @@ def train(
         progress: show a progress bar (rank 0, on a terminal).
         position: the bar's line, when several jobs run side by side.
         on_record: also called with every record rank 0 writes.
+        log: receives rank 0's messages (the step a resumed run continues from).
 
     Returns:
         The trained model (without its DDP wrapper) and each copy's first bad step.
@@ -198,8 +200,7 @@ def train(
     start = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        _restore(state, job, ckpt_path)
         if "first_bad" in state:
             first_bad.copy_(state["first_bad"])
         start = int(state["step"])
@@ -207,7 +208,7 @@ def train(
             return TrainResult(model, _bad_steps(first_bad))
         kept = [
             r
-            for r in read_jsonl(log_path)
+            for r in read_jsonl(log_path, warn=False)  # a torn last line: normal after a kill
             if r.get("kind") in ("eval", "diverged") and r["step"] <= start
         ]
         if main and not any(r.get("kind") == "eval" and r["step"] == start for r in kept):
@@ -219,6 +220,8 @@ def train(
             )
         if main:
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+            if log is not None:
+                log(f"{job.name}: resumed from step {start:,} of {job.steps:,} ({ckpt_path})")
     elif main and log_path is not None:
         log_path.unlink(missing_ok=True)
     net = prepare_model(model, info, stats=bn_stats)  # DDP (+ SyncBatchNorm) if world > 1
@@ -327,7 +330,7 @@ def train(
                 and main
                 and ckpt_path is not None
             ):
-                save_checkpoint(ckpt_path, _state(done, model, opt, first_bad))
+                save_checkpoint(ckpt_path, _state(done, model, opt, first_bad, job.name))
                 last_ckpt = done
     bad_steps = _bad_steps(first_bad)
     if not main:
@@ -338,7 +341,9 @@ def train(
     if job.finalize is not None and not all(s is not None for s in bad_steps):
         write([{"kind": "final", "arm": job.name, "step": job.steps, **job.finalize(final_model)}])
     if ckpt_path is not None:
-        save_checkpoint(ckpt_path, {**_state(job.steps, final_model, opt, first_bad), "done": True})
+        save_checkpoint(
+            ckpt_path, {**_state(job.steps, final_model, opt, first_bad, job.name), "done": True}
+        )
     return TrainResult(model, bad_steps)
 
 
@@ -346,8 +351,29 @@ def _bad_steps(first_bad: Tensor) -> list[int | None]:
     return [None if s == _NEVER else int(s) for s in first_bad.tolist()]
 
 
-def _state(step: int, model: nn.Module, opt, first_bad: Tensor) -> dict:
+def _restore(state: dict, job: TrainJob, path: Path) -> None:
+    """Load a checkpoint into ``job``'s model and optimizer, or say why it does not fit."""
+    arm = state.get("arm", job.name)  # checkpoints before the "arm" field: trust the file name
+    if arm != job.name:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to arm {arm!r}, not {job.name!r} (was it copied or "
+            f"renamed?); delete it and rerun with --resume to retrain {job.name!r} from step 0"
+        )
+    try:
+        job.model.load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {job.name!r}'s network ({first}): it comes from "
+            f"another run or configuration; delete it and rerun with --resume to retrain "
+            f"{job.name!r} from step 0"
+        ) from e
+
+
+def _state(step: int, model: nn.Module, opt, first_bad: Tensor, arm: str) -> dict:
     return {
+        "arm": arm,
         "step": step,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
