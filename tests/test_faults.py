@@ -102,6 +102,50 @@ def test_checkpoint_of_the_other_arm_is_named(tiny_run, tmp_path, capsys):
     assert main([*args, "--out", str(run)]) == 0
 
 
+def test_a_resumed_run_starts_clean_of_old_worker_errors(tiny_run, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    (run / "work" / "bn.error").write_text("OSError: an old failure, fixed since")
+    (run / "work" / "baseline.error").write_text("")  # as left by a full disk
+    args = ["reproduce", "figure1", *TINY, "--quiet", "--resume", "--out", str(run)]
+    assert main(args) == 0
+    assert not list((run / "work").glob("*.error"))
+
+
+def test_a_worker_that_cannot_write_its_error_is_reported_by_exit_status(tmp_path):
+    from bnlab.experiments.runner import WorkerError, run_experiment
+
+    sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers inherit it
+    try:
+        with pytest.raises(WorkerError) as e:
+            run_experiment("faulty_experiment", _faulty_config(), tmp_path / "run", progress=False,
+                           log=lambda *a: None)  # fmt: skip
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    assert "a: the worker exited with status 1 (its error is above)" in str(e.value)
+
+
+def _faulty_config():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import faulty_experiment
+
+    sys.path.remove(str(Path(__file__).parent))
+    return faulty_experiment.Config()
+
+
+def test_full_disk_while_the_report_is_written(tiny_run, tmp_path, monkeypatch, capsys):
+    run = _copy(tiny_run, tmp_path)
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("bnlab.report.render.atomic_write_text", full)
+    args = ["reproduce", "figure1", *TINY, "--quiet", "--resume", "--out", str(run)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on device while writing {run / 'report.md'}" in err
+    assert err.strip().endswith("--resume") and "Traceback" not in err
+
+
 # --- records --------------------------------------------------------------------------
 
 
