@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bnlab.commands import HelpFormatter, integer
+from bnlab.commands import experiment as experiment_commands
 from bnlab.commands import inception as inception_command
 from bnlab.commands.run import add_run_options, run_from_cli
 from bnlab.experiments.figure1 import FULL_STEPS, PACKAGED_STEPS, Figure1Config
@@ -141,6 +142,7 @@ def add_parser(subparsers) -> None:
     add_run_options(p, "figure1", "processes (one per arm); each gets cores/workers threads")
     p.set_defaults(func=_run_figure1)
     inception_command.add_parser(exps)
+    experiment_commands.add_parsers(exps)
 
     r = subparsers.add_parser(
         "report",

@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from bnlab.data import load_mnist, load_mnist_dir
+from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
+from bnlab.experiments.mnist import load_arrays, mlp_job
 from bnlab.experiments.runner import run_experiment
 from bnlab.insert import format_summary, insert_batchnorm, insertion_summary
 from bnlab.models import mnist_mlp
 from bnlab.stats.population import recompute_population_stats
-from bnlab.train.loop import TrainJob, evaluation, make_sgd
+from bnlab.train.loop import TrainJob, evaluation
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
@@ -155,24 +155,12 @@ def build_arm_model(arm: str, cfg: Figure1Config) -> nn.Module:
 
 def build_job(arm: str, cfg: Figure1Config, info: DistInfo, work: Path) -> TrainJob:
     """One arm as a job for the shared loop: every seed trains as a copy in one model."""
-    data = load_mnist(cfg.data)
-    dev = info.device if info.world_size > 1 else torch.device(cfg.device)
-    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
-    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
-    schedule = BatchSchedule(len(x_train), cfg.batch_size, list(range(cfg.seeds)))
+    arrays = load_arrays(cfg.data, cfg.batch_size, cfg.seeds, cfg.device, info)
+    dev, x_train = arrays.device, arrays.x_train
     model = build_arm_model(arm, cfg).to(dev)
 
-    def batch(step: int, rows: slice) -> tuple[Tensor, Tensor]:
-        idx = schedule.indices(step)[rows].to(dev)  # (b, S): this process's rows
-        return x_train[idx].view(len(idx), -1), y_train[idx]  # (b, S*784): seed k in block k
-
-    def loss(logits: Tensor, y: Tensor) -> Tensor:
-        # (b*S,) per-example losses -> (S,) sums: every copy gets its own gradient.
-        rows = TF.cross_entropy(logits.view(-1, 10), y.reshape(-1), reduction="none")
-        return rows.view(len(y), cfg.seeds).sum(0)
-
     def evaluate(m: nn.Module) -> dict:
-        return _evaluate(m, x_test, y_test, cfg.unit, cfg.seeds)
+        return _evaluate(m, arrays.x_test, arrays.y_test, cfg.unit, cfg.seeds)
 
     def finalize(m: nn.Module) -> dict:
         final = {"test_acc_moving_avg": evaluate(m)["test_acc"]}
@@ -180,25 +168,25 @@ def build_job(arm: str, cfg: Figure1Config, info: DistInfo, work: Path) -> Train
             # Algorithm 2, steps 8-10: population statistics from training batches
             # (the batches that would follow the last step), weights frozen.
             pop = [
-                x_train[schedule.indices(cfg.steps + k).to(dev)].view(cfg.batch_size, -1)
+                x_train[arrays.schedule.indices(cfg.steps + k).to(dev)].view(cfg.batch_size, -1)
                 for k in range(cfg.population_batches)
             ]
             recompute_population_stats(m, pop, progress=False)
             final["test_acc_population"] = evaluate(m)["test_acc"]
         return final
 
-    return TrainJob(
-        name=arm,
-        model=model,
-        optimizer=make_sgd(model, cfg.lr, cfg.momentum),
+    return mlp_job(
+        arm,
+        model,
+        arrays,
+        copies=cfg.seeds,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
-        copies=cfg.seeds,
-        batch=batch,
-        loss=loss,
-        evaluate=evaluate,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
+        evaluate=evaluate,
         finalize=finalize,
     )
 

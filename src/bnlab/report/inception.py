@@ -16,6 +16,7 @@ from bnlab.report import ReportError, read_run
 from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
 from bnlab.report.stats import (
     diverged_copies,
+    eval_curves,
     first_step_reaching,
     fmt_diverged,
     fmt_pct,
@@ -53,15 +54,11 @@ COLORS = {
 
 
 def _curves(records: list[dict], name: str) -> dict:
-    evals = sorted(
-        (r for r in records if r.get("kind") == "eval" and r["arm"] == name),
-        key=lambda r: r["step"],
-    )
-    if not evals:
-        raise ReportError(f"no evaluation records for network {name!r}")
-    acc = np.array([[np.nan if a is None else a for a in r["test_acc"]] for r in evals], float)
-    loss = np.array([np.nan if r["train_loss"] is None else r["train_loss"] for r in evals])
-    return {"steps": np.array([r["step"] for r in evals]), "acc": acc, "loss": loss}
+    try:
+        c = eval_curves(records, name, ["test_acc", "train_loss"])
+    except ValueError as e:
+        raise ReportError(f"network {name!r}: {e}") from e
+    return {"steps": c["steps"], "acc": c["test_acc"], "loss": c["train_loss"]}
 
 
 def summarize(records: list[dict], config: dict) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = [
     "diverged_copies",
+    "eval_curves",
     "fmt_diverged",
     "first_step_reaching",
     "fmt_pct",
@@ -107,6 +108,29 @@ def fmt_pct(d: dict | None) -> str:
     else:
         s += f" (n={d['n']})"
     return s
+
+
+def eval_curves(records: Sequence[dict], arm: str, fields: Sequence[str]) -> dict:
+    """An arm's evaluation records as arrays, in step order.
+
+    Returns:
+        ``{"steps": (T,), field: (T, S) or (T,) for each of fields}``: one row per
+        evaluated step, one column per seed; null (a diverged network's non-finite
+        value) reads as NaN.
+
+    Raises:
+        ValueError: ``arm`` has no evaluation records.
+    """
+    evals = sorted(
+        (r for r in records if r.get("kind") == "eval" and r.get("arm") == arm),
+        key=lambda r: r["step"],
+    )
+    if not evals:
+        raise ValueError(f"no evaluation records for arm {arm!r}")
+    out = {"steps": np.array([r["step"] for r in evals])}
+    for f in fields:
+        out[f] = np.array([r[f] for r in evals], dtype=float)  # None -> nan
+    return out
 
 
 def fmt_steps(steps: Sequence[int | None]) -> str:

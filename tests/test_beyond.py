@@ -1,0 +1,78 @@
+"""The experiments beyond the paper's figures, end to end on tiny settings."""
+
+import json
+
+import pytest
+
+from bnlab.cli import main
+from bnlab.experiments import lr_init
+
+TINY = ["--steps", "30", "--seeds", "2", "--eval-every", "10", "--quiet"]
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)
+
+
+def test_cell_names_round_trip():
+    for norm, lr, init in [("bn", 0.1, 0.01), ("none", 3.0, "glorot"), ("bn", 1e-3, 1.0)]:
+        assert lr_init.parse_cell(lr_init.cell_name(norm, lr, init)) == (norm, lr, init)
+
+
+@pytest.mark.slow
+def test_lr_init_grid_runs_and_reports_divergence(tmp_path):
+    out = tmp_path / "run"
+    args = ["reproduce", "lr-init", *TINY, "--lrs", "0.01,1e30", "--inits", "0.01,glorot"]
+    assert main([*args, "--out", str(out)]) == 0
+    for name in ("config.json", "metrics.jsonl", "summary.json", "lr_init.png", "report.md"):
+        assert (out / name).exists(), name
+    s = _summary(out)
+    assert set(s["grid"]) == {"none", "bn"}
+    assert set(s["grid"]["bn"]) == {"0.01", "glorot"}
+    huge = s["grid"]["none"]["0.01"]["1e+30"]  # lr 1e30 without BN: the loss blows up
+    assert huge["diverged"] and not huge["trains"]
+    assert (
+        "div " in (out / "report.md").read_text() or "diverged" in (out / "report.md").read_text()
+    )
+    assert "BN allows higher learning rates" in (out / "report.md").read_text()
+
+
+def test_lr_init_refuses_bad_grids(tmp_path, capsys):
+    for flag, value, phrase in [
+        ("--lrs", "0.1,-1", "--lrs must be positive"),
+        ("--inits", "0.1,xavier", "--inits takes positive numbers or 'glorot'"),
+    ]:
+        out = tmp_path / "run"
+        assert main(["reproduce", "lr-init", *TINY, flag, value, "--out", str(out)]) == 2
+        assert phrase in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_dropout_runs_four_arms_with_train_and_test_accuracy(tmp_path):
+    out = tmp_path / "run"
+    assert main(["reproduce", "dropout", *TINY, "--out", str(out)]) == 0
+    s = _summary(out)
+    assert set(s["arms"]) == {"none", "none+dropout", "bn", "bn+dropout"}
+    for arm in s["arms"].values():
+        assert arm["final_test_acc"]["n"] == 2 and arm["steps_completed"] == 30
+        gap = [
+            a - b for a, b in zip(arm["final_train_acc"]["values"], arm["final_test_acc"]["values"])
+        ]
+        assert gap == pytest.approx(arm["gap"]["values"])
+    report = (out / "report.md").read_text()
+    assert "BN regularizes" in report and "![BN and dropout](dropout.png)" in report
+
+
+def test_dropout_arms_really_drop(tmp_path):
+    from bnlab.distributed import DistInfo
+    from bnlab.experiments import dropout
+
+    cfg = dropout.Config(steps=1, seeds=1)
+    for arm in dropout.ARMS:
+        job = dropout.build_job(arm, cfg, DistInfo(), tmp_path)
+        has = any(type(m).__name__ == "Dropout" for m in job.model.modules())
+        assert has == arm.endswith("+dropout")
+        assert any("BatchNorm" in type(m).__name__ for m in job.model.modules()) == arm.startswith(
+            "bn"
+        )
