@@ -56,8 +56,52 @@ def test_constructor_errors(kwargs, exc, phrase):
 
 def test_state_dict_of_wrong_size():
     state = bnn.BatchNorm2d(4).state_dict()
-    with pytest.raises(ValueError, match="num_features=4"):
-        bnn.BatchNorm2d(3).load_state_dict(state)
+    # As torch: collected in error_msgs, raised by load_state_dict as one RuntimeError
+    # listing every mismatch (our message, not torch's too), strict or not.
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="num_features=4") as info:
+            bnn.BatchNorm2d(3).load_state_dict(state, strict=strict)
+        msg = str(info.value)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            assert f"size mismatch for {name}: the state dict entry" in msg
+        assert "copying a param" not in msg  # torch's duplicate message is dropped
+    # strict=False collects the mismatches of every layer, not only the first
+    two = torch.nn.Sequential(bnn.BatchNorm1d(3), bnn.BatchNorm1d(5))
+    src = torch.nn.Sequential(bnn.BatchNorm1d(4), bnn.BatchNorm1d(6)).state_dict()
+    with pytest.raises(RuntimeError) as info:
+        two.load_state_dict(src, strict=False)
+    assert "0.weight" in str(info.value) and "1.weight" in str(info.value)
+
+
+def test_wrong_sized_state_is_a_runtime_error_like_torch():
+    # torch raises RuntimeError for these; ours is a ValueError and a RuntimeError.
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        wrong = torch.ones(4)
+        if name in ("weight", "bias"):
+            wrong = torch.nn.Parameter(wrong)
+        for make in (bnn.BatchNorm1d, torch.nn.BatchNorm1d):
+            bn = make(3)
+            setattr(bn, name, wrong)
+            with pytest.raises(RuntimeError):
+                bn(torch.randn(5, 3))
+        bn = bnn.BatchNorm1d(3)
+        setattr(bn, name, wrong)
+        with pytest.raises(ValueError, match=f"{name} has 4 elements, not num_features=3"):
+            bn(torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match="num_features=5"):  # input channels
+        bnn.BatchNorm2d(3)(torch.randn(2, 5, 4, 4))
+
+
+def test_eps_must_be_positive_in_training_like_torch():
+    x = torch.randn(4, 3, 2)
+    for make in (bnn.BatchNorm1d, torch.nn.BatchNorm1d, bnn.SyncBatchNorm):
+        bn = make(3, eps=0.0)
+        with pytest.raises(ValueError, match="eps must be positive"):
+            bn(x)
+        if make is not torch.nn.BatchNorm1d:  # torch counts the failed batch; we do not
+            assert bn.num_batches_tracked.item() == 0
+        bn.eval()
+        assert torch.isfinite(bn(x)).all()  # eval with eps=0 and var=1 is fine, as in torch
 
 
 def test_channel_mismatch_names_the_fix():

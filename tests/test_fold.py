@@ -136,3 +136,9 @@ def test_channel_affine():
     y = aff(x)
     assert (y[:, 0] == 2.5).all() and (y[:, 1] == -1).all()
     assert set(aff.state_dict()) == {"scale", "shift"}
+    centered = ChannelAffine(torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.0]), torch.ones(2))
+    assert (centered(x)[:, 0] == 0.5).all() and set(centered.state_dict()) == {
+        "scale",
+        "shift",
+        "center",
+    }

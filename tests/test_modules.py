@@ -28,16 +28,17 @@ def _pair(ours_cls, ref_cls, **kw):
 
 
 def _run_steps(ours, ref, shape, steps=4, channels_last=False):
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     for _ in range(steps):
         x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
         if channels_last:
-            x = x.to(memory_format=torch.channels_last)
+            x = x.to(memory_format=fmt)
         x1 = x.clone().requires_grad_()
         x2 = x.clone().requires_grad_()
         y1, y2 = ours(x1), ref(x2)
         torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
         if channels_last:
-            assert y1.is_contiguous(memory_format=torch.channels_last)
+            assert y1.is_contiguous(memory_format=fmt)
         g = torch.randn_like(y1)
         y1.backward(g)
         y2.backward(g)
@@ -70,6 +71,8 @@ def test_parity_train_then_eval(classes, momentum, affine, track):
 def test_channels_last_2d_and_3d():
     ours, ref = _pair(bnn.BatchNorm2d, nn.BatchNorm2d)
     _run_steps(ours, ref, (3, 4, 5, 6), channels_last=True)
+    ours, ref = _pair(bnn.BatchNorm3d, nn.BatchNorm3d)
+    _run_steps(ours, ref, (2, 4, 3, 4, 2), channels_last=True)
 
 
 def test_state_dict_keys_and_round_trips_both_ways():

@@ -30,6 +30,8 @@ def test_outputs_and_statistics_close_to_float64(dtype, atol, mean):
     mu, var = F.compute_batch_stats(x)
     assert mu.dtype == torch.float32  # 16-bit inputs accumulate in float32
     mu_ref, var_ref = F.compute_batch_stats(x.double())
+    # The mean to float32 rounding of its own size (|mean| up to 1e4) plus that of unit data.
+    torch.testing.assert_close(mu.double(), mu_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
 
 
@@ -41,6 +43,18 @@ def test_float32_variance_is_stable_for_large_mean():
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
     naive = (x64.float() ** 2).mean(0) - x64.float().mean(0) ** 2
     assert (naive.double() - var_ref).abs().max() > 1e-2  # the naive formula really fails here
+
+
+def test_eval_mode_large_mean_float32_close_to_float64():
+    """|mean| / std = 1e4 in eval: scale * x + shift loses 1e-3 to cancellation in
+    float32; subtracting the running mean first keeps float32 rounding (atol 1e-5)."""
+    x = (torch.randn(256, 8, dtype=torch.float64) + 1e4).float()
+    rm, rv = x.double().mean(0).float(), x.double().var(0).float()
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y = F.batch_norm(x, rm, rv, w, b, training=False)
+    ref = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,atol", TOLERANCES)

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bnlab.nn as bnn
+import bnlab.nn.sync as sync_module
 from bnlab import recompute_population_stats
-from bnlab.distributed import DistInfo, shard
-from bnlab.nn.sync import CollectiveError
+from bnlab.distributed import DistInfo, DistributedDataParallel, shard, sync_running_stats
+from bnlab.nn.sync import CollectiveError, CollectiveUsageError
 from bnlab.train.loop import train_distributed
 
 
@@ -178,6 +179,7 @@ def _stall_worker(rank, path, results):
     try:
         _init(rank, 2, path, timeout=3)
         bn = bnn.SyncBatchNorm(3)
+        ones = torch.ones(3)
         if rank == 1:
             time.sleep(8)  # never joins the collective within the timeout
             results.put((rank, "slept"))
@@ -188,6 +190,8 @@ def _stall_worker(rank, path, results):
             results.put((rank, "no error"))
         except CollectiveError as e:
             ok = "did not complete" in str(e) and "timeout" in str(e) and time.time() - t0 < 30
+            # the collective runs before any state changes: nothing half-updated
+            ok = ok and bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_var, ones)
             results.put((rank, "timeout error" if ok else f"unclear: {e}"))
     except BaseException as e:
         results.put((rank, f"{type(e).__name__}: {e}"))
@@ -238,3 +242,90 @@ def test_train_ddp_cli_validates_options_and_trains_in_one_process(tmp_path, cap
     assert "1 process(es)" in out and "test accuracy" in out and ckpt.exists()
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 20 and any("running_mean" in k for k in state["model"])
+
+
+def _edge_checks(rank):
+    # Double backward through the global statistics is refused, not silently wrong.
+    sync = bnn.SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(sync(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+    # Every slice empty: an empty output, zero gradients, statistics unchanged, the
+    # batch counted (as torch's BN does with N = 0).
+    sync = bnn.SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(0, 3, 2, dtype=torch.float64, requires_grad=True)
+    y = sync(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(sync.weight.grad, torch.zeros(3, dtype=x.dtype))
+    assert torch.equal(sync.running_mean, torch.zeros(3, dtype=x.dtype))
+    assert sync.num_batches_tracked.item() == 1
+    # A group this process is not in: a usage error, not "a peer may have died".
+    solo = dist.new_group([0])
+    sync = bnn.SyncBatchNorm(3, process_group=solo)
+    if rank == 1:
+        with pytest.raises(CollectiveUsageError, match="not a member"):
+            sync(torch.randn(4, 3))
+        assert sync.num_batches_tracked.item() == 0
+    else:
+        sync(torch.randn(4, 3))  # a group of one: local BN
+    dist.barrier()
+    # torch's DDP refuses any nn.SyncBatchNorm on CPU; ours accepts bnlab's.
+    with pytest.raises(ValueError, match="only work with GPU"):
+        torch.nn.parallel.DistributedDataParallel(bnn.convert_sync_batchnorm(_mlp()))
+    DistributedDataParallel(bnn.convert_sync_batchnorm(_mlp()))
+    # sync_running_stats: each rank's statistics describe its own equal share of the
+    # data, so "mean" gives those of the whole data: the mean of the means, and the
+    # mean variance plus the spread of the rank means.
+    gen = torch.Generator().manual_seed(3)
+    data = torch.randn(2, 50, 8, generator=gen, dtype=torch.float64) * 2
+    data[1] += 3  # rank means differ
+    net = _mlp()
+    bn = net[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(data[rank].mean(0))
+        bn.running_var.copy_(data[rank].var(0, unbiased=False))
+        bn.num_batches_tracked.fill_(5 + rank)
+    sync_running_stats(net, op="mean")
+    whole = data.reshape(100, 8)
+    torch.testing.assert_close(bn.running_mean, whole.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, whole.var(0, unbiased=False), rtol=0, atol=1e-12)
+    assert bn.num_batches_tracked.item() == 6
+    with torch.no_grad():
+        bn.running_mean.fill_(float(rank))
+        bn.num_batches_tracked.fill_(10 * rank)
+    sync_running_stats(net, op="broadcast")
+    assert torch.equal(bn.running_mean, torch.zeros(8, dtype=torch.float64))
+    assert bn.num_batches_tracked.item() == 0
+    with pytest.raises(ValueError, match="op must be one of"):
+        sync_running_stats(net, op="median")
+
+
+@pytest.mark.slow
+def test_sync_edges_on_two_gloo_processes():
+    out = _spawn(_checked_worker, _edge_checks, 2, 60)
+    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    "error,expected,phrase",
+    [
+        (RuntimeError("[gloo] Timed out waiting 3000ms for recv"), CollectiveError, "peer"),
+        (RuntimeError("Connection closed by peer [127.0.0.1]"), CollectiveError, "peer"),
+        (ValueError("Process group 5 is not initialized"), CollectiveUsageError, "usage"),
+        (TypeError("expected a ProcessGroup"), CollectiveUsageError, "usage"),
+    ],
+)
+def test_failed_collective_is_classified_and_changes_no_state(monkeypatch, error, expected, phrase):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sync_module, "group_size", lambda group=None: 2)
+    monkeypatch.setattr(sync_module, "_check_member", lambda group: None)
+    monkeypatch.setattr(dist, "all_gather", fail)
+    bn = bnn.SyncBatchNorm(3, momentum=None)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(expected, match=phrase):
+        bn(torch.randn(4, 3))
+    for k, v in bn.state_dict().items():  # num_batches_tracked too: counted after
+        assert torch.equal(v, before[k]), k

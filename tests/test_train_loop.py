@@ -22,7 +22,10 @@ def test_figure1_records_match_the_pre_refactor_loop(tmp_path):
     moved onto the shared loop (`bnlab reproduce figure1 --steps 300 --eval-every 100
     --checkpoint-every 100 --seeds 2`, packaged data). Every field must be identical;
     the logged train_loss only to 1e-6 relative, since the loop now sums the loss per
-    copy in float64 (the gradients, and so the trajectory, are bit-identical)."""
+    copy in float64 (the gradients, and so the trajectory, are bit-identical). The BN
+    arm's evaluation fields (p15/p50/p85, accuracies) match to 1e-6 (float32 rounding): eval-mode
+    BN now subtracts the mean before scaling (issue 10, float32 precision), which changes
+    the rounding of the sigmoid inputs it evaluates, not the training."""
     cfg = Figure1Config(steps=300, eval_every=100, checkpoint_every=100, seeds=2)
     for arm in ("baseline", "bn"):
         _train_arm("bnlab.experiments.figure1", arm, cfg, tmp_path, False, 2, False, 0)
@@ -32,8 +35,13 @@ def test_figure1_records_match_the_pre_refactor_loop(tmp_path):
     for a, b in zip(old, new):
         assert list(a) == list(b)  # same keys, same order
         for key in a:
-            if key == "train_loss" and a[key] is not None:
-                assert b[key] == pytest.approx(a[key], rel=1e-6)
+            inexact = key == "train_loss" or (a["arm"] == "bn" and isinstance(a[key], list))
+            if inexact and a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (
+                    a["arm"],
+                    a["step"],
+                    key,
+                )
             else:
                 assert a[key] == b[key], (a["arm"], a["step"], key)
 

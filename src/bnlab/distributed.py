@@ -11,6 +11,8 @@ differ in size. Logging and checkpoints come from rank 0 only.
 
 The training loop itself is :func:`bnlab.train.loop.train`, shared by every
 experiment; :func:`bnlab.train.loop.train_distributed` trains one network.
+:func:`sync_running_stats` makes per-process running statistics agree before
+evaluation (PyTorch issue 30718).
 """
 
 from __future__ import annotations
@@ -18,14 +20,26 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnlab.nn.sync import convert_sync_batchnorm
+from bnlab import functional as F
+from bnlab.graph import is_batchnorm
+from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm, group_size
 
-__all__ = ["DistInfo", "init_distributed", "shard", "prepare_model"]
+__all__ = [
+    "DistInfo",
+    "DistributedDataParallel",
+    "init_distributed",
+    "prepare_model",
+    "shard",
+    "sync_running_stats",
+]
+
+SYNC_OPS = ("mean", "broadcast")
 
 STATS = ("sync", "ghost")
 
@@ -90,4 +104,99 @@ def prepare_model(model: nn.Module, info: DistInfo, stats: str = "sync") -> nn.M
     if stats == "sync":
         model = convert_sync_batchnorm(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch's DistributedDataParallel, accepting bnlab's SyncBatchNorm on CPU.
+
+    torch's DDP refuses every ``torch.nn.SyncBatchNorm`` on CPU, since torch's
+    kernel needs a GPU; bnlab's SyncBatchNorm subclasses it (so tools find it)
+    but runs on CPU with gloo. This wrapper keeps torch's refusal for torch's
+    own SyncBatchNorm only.
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        torch_sync = [
+            m
+            for m in module.modules()
+            if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)
+        ]
+        if torch_sync:
+            super()._passing_sync_batchnorm_handle(module)
+
+
+def sync_running_stats(
+    model: nn.Module, op: str = "mean", group: Any = None, src: int = 0
+) -> nn.Module:
+    """Make every BN layer's running statistics the same on all processes, in place.
+
+    Data-parallel training with per-process ("ghost") statistics, or with
+    plain BN under DDP, leaves each process with its own running statistics,
+    so evaluation depends on the rank (PyTorch issue 30718).
+
+    * ``op="mean"``: each process's running statistics describe an equal share
+      of the data, so the whole has the mixture's moments:
+      ``mean = 1/R sum_r mean_r`` and
+      ``var = 1/R sum_r (var_r + (mean_r - mean)^2)``, the average variance
+      plus the spread of the rank means (``functional.merge_moments`` with
+      equal counts; one all_gather for all layers). ``num_batches_tracked``
+      becomes the largest count of any process.
+    * ``op="broadcast"``: every process takes process ``src``'s statistics
+      and ``num_batches_tracked``.
+
+    Every process of ``group`` must call this, with the same model structure.
+    Outside torch.distributed, or with one process, nothing changes.
+
+    Args:
+        model: the network (its BN layers with running statistics are synced).
+        op: ``"mean"`` or ``"broadcast"``.
+        group: the process group (default: the world).
+        src: the global rank whose statistics ``"broadcast"`` copies.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> sync_running_stats(model.module)  # before evaluating on every rank
+    """
+    if op not in SYNC_OPS:
+        raise ValueError(f"op must be one of {SYNC_OPS}, got {op!r}")
+    bns = [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
+    world = group_size(group)
+    if world == 1 or not bns:
+        return model
+    device = bns[0].running_mean.device
+    # One flat float64 vector for every layer: [means..., variances...].
+    means = torch.cat([m.running_mean.detach().to(device, torch.float64) for m in bns])
+    variances = torch.cat([m.running_var.detach().to(device, torch.float64) for m in bns])
+    counts = torch.stack([_count(m, device) for m in bns])
+    with torch.no_grad():
+        if op == "broadcast":
+            flat = torch.cat([means, variances])
+            dist.broadcast(flat, src, group=group)
+            dist.broadcast(counts, src, group=group)
+            means, variances = flat.chunk(2)
+        else:
+            local = torch.cat([means, variances])
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local, group=group)
+            g = torch.stack(gathered)  # (R, 2 * sum C)
+            n = means.numel()
+            ones = torch.ones(world, dtype=torch.float64, device=device)
+            _, means, variances = F.merge_moments(ones, g[:, :n], g[:, n:])
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+        start = 0
+        for m, count in zip(bns, counts):
+            c = m.running_mean.numel()
+            m.running_mean.copy_(means[start : start + c])
+            m.running_var.copy_(variances[start : start + c])
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(count)
+            start += c
+    return model
+
+
+def _count(m: nn.Module, device: torch.device) -> torch.Tensor:
+    nbt = m.num_batches_tracked
+    return torch.tensor(0 if nbt is None else int(nbt), dtype=torch.long, device=device)

@@ -54,17 +54,27 @@ def fold_conv_bn_weights(
 
 
 class ChannelAffine(nn.Module):
-    """A fixed per-channel affine map y = scale * x + shift (channel dim 1).
+    """A fixed per-channel affine map y = scale * (x - center) + shift (channel dim 1).
 
-    What an inference BN becomes when it has no layer to fold into.
+    What an inference BN becomes when it has no layer to fold into: scale =
+    gamma / sqrt(Var[x] + eps), center = E[x], shift = beta. Subtracting the
+    center before scaling keeps the precision that scale * x + (beta - scale *
+    E[x]) loses to cancellation when |E[x]| >> std. Without ``center`` (and
+    its buffer) it is y = scale * x + shift.
     """
 
-    def __init__(self, scale: Tensor, shift: Tensor):
+    def __init__(self, scale: Tensor, shift: Tensor, center: Tensor | None = None):
         super().__init__()
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
+        if center is not None:
+            self.register_buffer("center", center.detach().clone())
+        else:
+            self.center = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.center is not None:
+            x = x - F.channel_view(self.center, x)
         return torch.addcmul(F.channel_view(self.shift, x), x, F.channel_view(self.scale, x))
 
     def extra_repr(self) -> str:
@@ -81,17 +91,22 @@ def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _fused(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    scale, shift = _affine_of(bn)
+    scale, _ = _affine_of(bn)
     fold = fold_linear_bn_weights if isinstance(layer, nn.Linear) else fold_conv_bn_weights
-    w, b = fold(layer.weight.detach(), _detached(layer.bias), scale.detach(), shift.detach())
+    # Bias b' = scale * (b - E[x]) + beta, as torch's fusion computes it: the mean is
+    # subtracted before scaling, so a layer whose bias carries a large mean (|mean| >>
+    # std) keeps its precision; scale * b + (beta - scale * E[x]) would cancel.
+    rm = bn.running_mean.detach()
+    centered = -rm if layer.bias is None else layer.bias.detach().to(rm.dtype) - rm
+    beta = torch.zeros_like(rm) if bn.bias is None else bn.bias.detach()
+    w, b = fold(layer.weight.detach(), centered, scale.detach(), beta)
     new = copy.deepcopy(layer)
-    new.weight = nn.Parameter(w.to(layer.weight.dtype))
-    new.bias = nn.Parameter(b.to(layer.weight.dtype))
+    # requires_grad as torch's fuse_conv_bn_weights sets it: the layer's own flags,
+    # and False for a bias the layer did not have.
+    has_bias = layer.bias is not None
+    new.weight = nn.Parameter(w.to(layer.weight.dtype), layer.weight.requires_grad)
+    new.bias = nn.Parameter(b.to(layer.weight.dtype), has_bias and layer.bias.requires_grad)
     return new
-
-
-def _detached(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
 
 
 def _features(layer: nn.Module) -> int:
@@ -103,7 +118,9 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
 
 
 def _to_affine(bn: nn.Module) -> ChannelAffine:
-    return ChannelAffine(*(t.detach() for t in _affine_of(bn)))
+    scale, _ = _affine_of(bn)
+    beta = torch.zeros_like(scale) if bn.bias is None else bn.bias
+    return ChannelAffine(scale, beta, bn.running_mean)
 
 
 def _fold_sequential(module: nn.Module) -> nn.Module:

@@ -207,9 +207,10 @@ def insert_batchnorm(
     and each module's train/eval mode, so a BN network and its plain twin can
     start from the same initial weights.
 
-    Nested ``nn.Sequential`` models are rewritten in place of a deep copy (the
-    result is an ``nn.Sequential`` with the same nesting; a Linear at the end of
-    an inner Sequential that feeds a nonlinearity of the outer one counts too).
+    Nested ``nn.Sequential`` models are deep-copied and the copy is rewritten
+    without tracing (the result is an ``nn.Sequential`` with the same nesting;
+    a Linear at the end of an inner Sequential that feeds a nonlinearity of the
+    outer one counts too).
     Any other module is traced with ``torch.fx`` (residual blocks, functional
     activations such as ``F.relu``), giving an ``fx.GraphModule``; the new BN
     layers are its submodules ``bn_<layer name>``. Custom layers take part by a

@@ -49,10 +49,6 @@ class Dataset:
     y_test: torch.Tensor
     description: str  # which data this is, for reports
 
-    @property
-    def name(self) -> str:
-        return self.description.split(":")[0]
-
 
 def read_idx(path: Path, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Read one IDX file (raw or .gz) of unsigned bytes, validating its header and size.

@@ -8,19 +8,71 @@ both directions.
 Momentum follows PyTorch's convention:
 ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None``
 gives a cumulative average (momentum = 1 / num_batches_tracked).
+
+The classes subclass PyTorch's (``torch.nn.modules.batchnorm._BatchNorm`` and
+``torch.nn.BatchNorm1d/2d/3d``), so tools that find BN layers with
+``isinstance`` (``torch.optim.swa_utils.update_bn``, ``fuse_conv_bn_eval``,
+``SyncBatchNorm.convert_sync_batchnorm``, ``torch.func.replace_all_batch_norm_modules_``,
+fvcore's precise BN, timm's and detectron2's freeze helpers) treat them as BN. Every
+method torch's classes define is overridden here or behaves the same on our
+state: the forward, the input check, the state-dict loading are ours.
+``torch.ao.quantization.fuse_modules`` matches exact types; pass it
+``fuse_custom_config_dict={"additional_fuser_method_mapping": FUSER_METHOD_MAPPING}``.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization.fuser_method_mappings import (
+    fuse_conv_bn,
+    fuse_conv_bn_relu,
+    fuse_linear_bn,
+)
 
 from bnlab import functional as F
+from bnlab.autograd import batch_norm_train
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormShapeError",
+    "FUSER_METHOD_MAPPING",
+]
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a torch.func transform's wrapped tensor (inside vmap, say)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class BatchNormShapeError(ValueError, RuntimeError):
+    """A size mismatch between an input or a tensor and a BN layer's channels.
+
+    A ValueError (bnlab's convention for bad arguments) and a RuntimeError (what
+    PyTorch raises for the same mistakes), so ``except RuntimeError`` code written
+    for torch's BN still catches it.
+    """
+
+
+def _in_backward_pass() -> bool:
+    """Whether this forward runs inside the autograd engine's backward pass.
+
+    That is where ``torch.utils.checkpoint`` recomputes a checkpointed forward,
+    reentrant (its Function's backward) and non-reentrant (its saved-tensor
+    unpack hook) alike; torch keys its recomputations by the same graph-task
+    id. A training-mode forward there is a recomputation of one that already
+    updated the running statistics (PyTorch issue 96136).
+    """
+    if torch.compiler.is_compiling():
+        return False  # compiled code does not run inside the engine's backward
+    return torch._C._current_graph_task_id() != -1
 
 
 def _check_hyperparameters(num_features: Any, eps: Any, momentum: Any) -> None:
@@ -42,8 +94,8 @@ def _check_hyperparameters(num_features: Any, eps: Any, momentum: Any) -> None:
         )
 
 
-class _BatchNorm(nn.Module):
-    """Shared state and policy of the BN modules (PyTorch's ``_BatchNorm``).
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Shared state and policy of the BN modules (a subclass of PyTorch's ``_BatchNorm``).
 
     Args:
         num_features: C, the number of channels (features) of the input.
@@ -73,38 +125,18 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
     ) -> None:
         _check_hyperparameters(num_features, eps, momentum)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.num_features = int(num_features)
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
-            else:  # gamma only (PyTorch's keyword-only ``bias=False``)
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(self.num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(self.num_features, **factory_kwargs))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(
-                    0,
-                    dtype=torch.long,
-                    **{k: v for k, v in factory_kwargs.items() if k != "dtype"},
-                ),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        # Keywords, not positions: torch's SyncBatchNorm puts process_group before device.
+        super().__init__(
+            int(num_features),
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+        )
+        self._warned_nonfinite = False
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batches tracked."""
@@ -140,7 +172,7 @@ class _BatchNorm(nn.Module):
                     "the features are in the last dim (as a Linear on (N, L, C) input leaves "
                     "them): move them to dim 1, e.g. x.transpose(1, -1), or flatten to (N*L, C)"
                 )
-            raise ValueError(
+            raise BatchNormShapeError(
                 f"{type(self).__name__}({self.num_features}) got input with "
                 f"{input.shape[1]} channels (dim 1 of shape {tuple(input.shape)}); {fix}"
             )
@@ -153,32 +185,85 @@ class _BatchNorm(nn.Module):
             )
         )
 
+    def _check_state_sizes(self) -> None:
+        """Refuse parameters or running statistics resized after construction
+        (torch raises RuntimeError there; ours is a RuntimeError too)."""
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(self, name)
+            if t is not None and t.numel() != self.num_features:
+                raise BatchNormShapeError(
+                    f"{type(self).__name__}({self.num_features}).{name} has {t.numel()} "
+                    f"elements, not num_features={self.num_features}; assign a tensor of "
+                    f"{self.num_features} elements or build the module with "
+                    f"num_features={t.numel()}"
+                )
+
     def _momentum_for_step(self) -> float:
-        """Count this batch and return the momentum of its running-stat update."""
-        if not (self.training and self.track_running_stats):
+        """Count this batch and return the momentum of its running-stat update.
+
+        PyTorch's convention: ``running = (1 - momentum) * running + momentum * batch``;
+        ``momentum=None`` is a cumulative average, momentum = 1 / num_batches_tracked.
+        """
+        if self.num_batches_tracked is None:  # removed by hand: torch's fallback
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average
+            if _is_batched(self.num_batches_tracked):  # under vmap: no data-dependent float()
+                return 1.0 / self.num_batches_tracked
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _updates_running_stats(self) -> bool:
+        """Training with running statistics, and not a checkpoint's recomputation."""
+        return (
+            self.training
+            and self.track_running_stats
+            and self.running_mean is not None
+            and not _in_backward_pass()
+        )
+
+    def _update_running_stats(self, mu_b: Tensor, biased_var_b: Tensor, m: int) -> None:
+        """Count the batch and fold its statistics into the running ones.
+
+        An empty batch (m = 0) is counted but changes no statistic, as in torch.
+        Channels whose batch statistics are not finite (fp16 overflow, a NaN in
+        the batch) keep their running statistics (``F.update_running_stats``
+        skips them), and the layer warns once, by name.
+        """
+        momentum = self._momentum_for_step()
+        if m == 0:
+            return
+        skipped = F.update_running_stats(
+            self.running_mean, self.running_var, mu_b, biased_var_b, m, momentum
+        )
+        if not getattr(self, "_warned_nonfinite", False) and not torch.compiler.is_compiling():
+            # One device-to-host sync per step until the layer has warned.
+            if not _is_batched(skipped) and bool(skipped.any()):  # vmap: no data-dependent if
+                self._warned_nonfinite = True
+                warn_nonfinite_stats(self, mu_b, biased_var_b)
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        F.check_batch_norm_input(input, self.training)  # before any state changes
-        momentum = self._momentum_for_step()
+        self._check_state_sizes()
         # Batch statistics in training, and in eval when no running ones are kept.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
+        # Before any state changes; eps <= 0 is refused with batch statistics, as in torch.
+        F.check_batch_norm_input(input, self.training, self.eps if use_batch_stats else None)
+        if not use_batch_stats:  # Algorithm 2, step 11: the fixed affine map
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        y, mu_b, biased_var_b = batch_norm_train(input, self.weight, self.bias, self.eps)
+        if self._updates_running_stats():
+            self._update_running_stats(mu_b, biased_var_b, F.num_values_per_channel(input))
+        return y
 
     def _load_from_state_dict(
         self,
@@ -190,27 +275,39 @@ class _BatchNorm(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before num_batches_tracked existed (PyTorch's version 1).
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        """Load this layer's entries; every mismatch goes to ``error_msgs``.
+
+        As in torch, mismatches are collected rather than raised, so one
+        ``load_state_dict`` reports all of them (as a RuntimeError) and
+        ``strict=False`` still loads the rest. torch's ``_NormBase`` handles a
+        dict without ``num_batches_tracked`` (a plain dict, or a version-1
+        checkpoint): the module keeps its current count.
+        """
+        ours = []
         for name in ("weight", "bias", "running_mean", "running_var"):
-            value = state_dict.get(prefix + name)
+            key = prefix + name
+            value = state_dict.get(key)
             if getattr(self, name) is None:
                 continue  # an unexpected key: reported by load_state_dict itself
             if isinstance(value, Tensor) and value.numel() != self.num_features:
-                raise ValueError(
-                    f"state dict entry '{prefix + name}' has shape {tuple(value.shape)} but this "
-                    f"{type(self).__name__} has num_features={self.num_features}; build the "
-                    f"module with num_features={value.numel()} or load a matching checkpoint"
+                ours.append(f"size mismatch for {key}:")
+                error_msgs.append(
+                    f"size mismatch for {key}: the state dict entry has shape "
+                    f"{tuple(value.shape)} but this {type(self).__name__} has num_features="
+                    f"{self.num_features}; build the module with num_features={value.numel()} "
+                    "or load a matching checkpoint"
                 )
+        first_new = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # torch's own message for the entries already reported above would repeat them.
+        error_msgs[first_new:] = [
+            m for m in error_msgs[first_new:] if not m.startswith(tuple(ours))
+        ]
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch Normalization over a 2-D (N, C) or 3-D (N, C, L) input (Algorithm 1).
 
     For (N, C) each feature is normalized over the mini-batch; for (N, C, L)
@@ -230,7 +327,7 @@ class BatchNorm1d(_BatchNorm):
     _hint = "BatchNorm2d for 4-D and BatchNorm3d for 5-D input, or add a batch dimension"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch Normalization over a 4-D (N, C, H, W) input (Algorithm 1, Section 3.2).
 
     Statistics are taken jointly over the mini-batch and all H*W locations of
@@ -246,7 +343,7 @@ class BatchNorm2d(_BatchNorm):
     _hint = "BatchNorm1d for 2-D/3-D and BatchNorm3d for 5-D input"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch Normalization over a 5-D (N, C, D, H, W) input (Algorithm 1, Section 3.2).
 
     Shape:
@@ -256,3 +353,57 @@ class BatchNorm3d(_BatchNorm):
     _expected_dims = (5,)
     _shape_names = ("5-D (N, C, D, H, W)",)
     _hint = "BatchNorm1d for 2-D/3-D and BatchNorm2d for 4-D input"
+
+
+def _qualified_name(module: nn.Module) -> str:
+    """The module's name in the outermost module of the current call stack.
+
+    A module does not know its own name; the model calling it does. Only used
+    to name a layer in a (once-per-layer) warning, so walking the stack is cheap
+    enough.
+    """
+    name = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and owner is not module:
+            for n, m in owner.named_modules():
+                if m is module:
+                    name = n  # keep going: an outer caller gives the fuller name
+                    break
+        frame = frame.f_back
+    return name or type(module).__name__
+
+
+def nonfinite_stats_message(name: str, mu_b: Tensor, biased_var_b: Tensor) -> str:
+    """The warning for batch statistics that are not finite in some channels."""
+    bad = (~(torch.isfinite(mu_b) & torch.isfinite(biased_var_b))).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return (
+        f"BN layer '{name}': the batch statistics of {len(bad)} channel(s) [{shown}] are not "
+        "finite (an overflow, or inf/NaN in the batch); their running statistics were left "
+        "unchanged for this batch. Warned once per layer; check the input and loss scaling"
+    )
+
+
+def warn_nonfinite_stats(module: nn.Module, mu_b: Tensor, biased_var_b: Tensor) -> None:
+    """Warn that ``module`` skipped the running-statistics update of some channels."""
+    warnings.warn(
+        nonfinite_stats_message(_qualified_name(module), mu_b, biased_var_b),
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# For torch.ao.quantization.fuse_modules, which matches exact types:
+#   fuse_modules(model, names, fuse_custom_config_dict={
+#       "additional_fuser_method_mapping": FUSER_METHOD_MAPPING})
+FUSER_METHOD_MAPPING: dict[tuple[type, ...], Any] = {
+    (nn.Conv1d, BatchNorm1d): fuse_conv_bn,
+    (nn.Conv1d, BatchNorm1d, nn.ReLU): fuse_conv_bn_relu,
+    (nn.Conv2d, BatchNorm2d): fuse_conv_bn,
+    (nn.Conv2d, BatchNorm2d, nn.ReLU): fuse_conv_bn_relu,
+    (nn.Conv3d, BatchNorm3d): fuse_conv_bn,
+    (nn.Conv3d, BatchNorm3d, nn.ReLU): fuse_conv_bn_relu,
+    (nn.Linear, BatchNorm1d): fuse_linear_bn,
+}

@@ -22,7 +22,10 @@ def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module
 
     Parameters and buffers are shared with ``module`` (not copied), so the
     swap costs no memory and optimizers holding the parameters keep working.
+    A SyncBatchNorm target keeps ``module``'s ``process_group`` when it has one.
     """
+    if issubclass(cls, nn.SyncBatchNorm) and "process_group" not in extra_kwargs:
+        extra_kwargs["process_group"] = getattr(module, "process_group", None)
     new = cls(
         module.num_features,
         eps=module.eps,
@@ -72,7 +75,7 @@ def _convert(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
 
 
 def replace_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by bnlab's.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` in ``module`` by bnlab's.
 
     Children are replaced in place; the (possibly new) root is returned, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. Parameters,

@@ -7,22 +7,31 @@ all_gather, and each merges them exactly (``bnlab.functional.merge_moments``,
 exact for unequal slice sizes, and empty slices). The backward needs the two
 per-channel gradient sums of the whole batch (``reduce_grad_sums``), exchanged
 in one all_reduce. Unlike ``torch.nn.SyncBatchNorm`` this works on CPU (gloo).
+
+bnlab's SyncBatchNorm subclasses ``torch.nn.SyncBatchNorm``, so torch's
+``DistributedDataParallel`` refuses it on CPU ("SyncBatchNorm layers only work
+with GPU modules", a check meant for torch's CUDA-only kernel): on CPU wrap the
+model with :class:`bnlab.distributed.DistributedDataParallel` (what
+:func:`bnlab.distributed.prepare_model` does).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from bnlab.nn.convert import map_modules, swap_module_class
+from bnlab.nn.convert import _TO_BNLAB, _TO_TORCH, map_modules, swap_module_class
 
 __all__ = [
     "CollectiveError",
+    "CollectiveUsageError",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "global_moments",
@@ -35,16 +44,62 @@ class CollectiveError(RuntimeError):
     """A collective across processes failed or timed out (a peer died or stalled)."""
 
 
-def _collective(name: str, fn, group) -> None:
+class CollectiveUsageError(ValueError):
+    """A collective was called wrongly (a bad or foreign process group): a bug, not a peer."""
+
+
+# What gloo, NCCL and the TCP store say when a peer is gone or late (their errors are
+# often plain RuntimeErrors, so the type alone does not tell).
+_PEER_FAILURE = re.compile(
+    r"time[d ]?\s?out|connection|closed|broken pipe|peer|abort", re.IGNORECASE
+)
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    backend_errors = tuple(
+        getattr(dist, n)
+        for n in ("DistBackendError", "DistNetworkError", "DistStoreError")
+        if hasattr(dist, n)
+    )
+    if isinstance(e, backend_errors):
+        return True
+    return isinstance(e, RuntimeError) and bool(_PEER_FAILURE.search(str(e)))
+
+
+def _check_member(group: Any) -> None:
+    """Refuse a process group this process is not in (torch's collectives would
+    silently do nothing there, leaving the statistics unset)."""
+    if dist.get_rank(group) < 0:
+        raise CollectiveUsageError(
+            f"SyncBatchNorm: this process (global rank {dist.get_rank()}) is not a member of "
+            "the layer's process_group; give each process a group it belongs to (create every "
+            "group with torch.distributed.new_group on all processes, and pass each process "
+            "the one that contains it)"
+        )
+
+
+def _collective(name: str, fn, world: int) -> None:
+    """Run one collective; tell a dead or late peer (:class:`CollectiveError`) from
+    misuse such as a bad process group (:class:`CollectiveUsageError`). Other
+    errors (out of memory, ...) propagate unchanged."""
     try:
         fn()
-    except (RuntimeError, dist.DistError) as e:
-        world = dist.get_world_size(group)
-        raise CollectiveError(
-            f"SyncBatchNorm: the {name} across {world} processes did not complete ({e}). A peer "
-            "process may have died or stalled. The wait is bounded by the process group's "
-            "timeout: set it with bnlab.distributed.init_distributed(timeout=SECONDS) or "
-            "torch.distributed.init_process_group(timeout=...)"
+    except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+        if _is_peer_failure(e):
+            raise CollectiveError(
+                f"SyncBatchNorm: the {name} across {world} processes did not complete ({e}). "
+                "A peer process may have died or stalled, or the processes disagree on the "
+                "layer (channels, dtype). The wait is bounded by the process group's timeout: "
+                "set it with bnlab.distributed.init_distributed(timeout=SECONDS) or "
+                "torch.distributed.init_process_group(timeout=...)"
+            ) from e
+        if isinstance(e, RuntimeError):
+            raise
+        raise CollectiveUsageError(
+            f"SyncBatchNorm: the {name} was called wrongly ({type(e).__name__}: {e}). This is "
+            "a usage error, not a failed peer: check the layer's process_group (a group made "
+            "by torch.distributed.new_group on every process, not destroyed) and that every "
+            "process of it runs the same layers"
         ) from e
 
 
@@ -71,7 +126,7 @@ def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
     Each process contributes its slice's count, mean and biased variance in one
     all_gather; the merge is exact for unequal and empty slices. Every process of
     ``group`` must call this. Raises ValueError when the whole batch has a single
-    value per channel.
+    value per channel; ``total`` is 0 when every slice is empty.
     """
     world_size = dist.get_world_size(group) if world_size is None else world_size
     c = x.shape[1]
@@ -81,12 +136,12 @@ def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
     _collective(
         "all_gather of batch statistics",
         lambda: dist.all_gather(gathered, local, group=group),
-        group,
+        world_size,
     )
     g = torch.stack(gathered)  # (world, 1 + 2C): count, mean, biased variance per process
     total, mean, biased_var = F.merge_moments(g[:, 0], g[:, 1 : c + 1], g[:, c + 1 :])
     total = int(total.item())
-    if total <= 1:
+    if total == 1:  # total 0: every slice is empty, an empty output as in torch
         raise ValueError(
             f"Expected more than 1 value per channel across all {world_size} processes when "
             f"training, got {total}; use larger per-process batches"
@@ -95,7 +150,13 @@ def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Algorithm 1 over the union of every process's slice, with explicit backward."""
+    """Algorithm 1 over the union of every process's slice, with explicit backward.
+
+    The backward is differentiable once only (``once_differentiable``): second
+    derivatives would need the global statistics re-derived through
+    differentiable collectives, so asking for them (``create_graph=True`` and
+    then differentiating the gradient) raises instead of being silently wrong.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world_size):
@@ -103,11 +164,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         inv_std = torch.rsqrt(biased_var + eps)
         y = F.normalize(x, mean, inv_std, weight, bias)
         ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.total, ctx.group = total, group
+        ctx.total, ctx.group, ctx.world_size = total, group, world_size
         ctx.mark_non_differentiable(mean, biased_var)
         return y, mean, biased_var, total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, _gm, _gv, _gt):
         x, weight, mean, inv_std = ctx.saved_tensors
         c = x.shape[1]
@@ -117,7 +179,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_b = sum_dy.to(weight.dtype) if weight is not None else None
         sums = torch.cat([sum_dy, sum_dy_xmu])  # one collective for both sums
         _collective(
-            "all_reduce of gradient sums", lambda: dist.all_reduce(sums, group=ctx.group), ctx.group
+            "all_reduce of gradient sums",
+            lambda: dist.all_reduce(sums, group=ctx.group),
+            ctx.world_size,
         )
         grad_x = F.input_grad(
             grad_y, x, weight, mean, inv_std, sums[:c], sums[c:], ctx.total, scratch
@@ -133,7 +197,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         )
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
     """Batch Normalization with statistics over all processes of a group.
 
     Same constructor and state-dict keys as ``torch.nn.SyncBatchNorm``; accepts
@@ -142,6 +206,12 @@ class SyncBatchNorm(_BatchNorm):
     global mini-batch (exact for unequal or empty per-process slices) and the
     running statistics (unbiased global variance) are identical on every process.
     Otherwise (eval mode, not distributed, world size 1) it is plain local BN.
+
+    A subclass of ``torch.nn.SyncBatchNorm`` (and so of torch's ``_BatchNorm``):
+    tools that look for either find it. Its classmethod ``convert_sync_batchnorm``
+    makes bnlab SyncBatchNorm layers; torch's classmethod, called on
+    ``torch.nn.SyncBatchNorm``, still makes torch's. On CPU wrap the model in
+    :class:`bnlab.distributed.DistributedDataParallel`, not torch's (see above).
 
     Args:
         process_group: the group to synchronize over (default: the whole world).
@@ -170,23 +240,35 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._revert_class: type | None = None
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """bnlab's :func:`convert_sync_batchnorm` (torch's classmethod would build
+        ``torch.nn.SyncBatchNorm`` layers, whose forward is not ours)."""
+        return convert_sync_batchnorm(module, process_group)
+
     def forward(self, input: Tensor) -> Tensor:
         world = group_size(self.process_group) if self.training else 1
         if world == 1:
             return super().forward(input)  # local BN
         self._check_input_dim(input)
+        self._check_state_sizes()
         if not input.is_floating_point():
             F.check_batch_norm_input(input, training=False)  # the dtype error
-        momentum = self._momentum_for_step()
+        F.check_eps(self.eps, training=True)
+        _check_member(self.process_group)
+        # The collective first, the state after: a failed all_gather changes nothing.
         y, mean, biased_var, total = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.eps, self.process_group, world
         )
-        if self.track_running_stats:
-            F.update_running_stats(
-                self.running_mean, self.running_var, mean, biased_var, total, momentum
-            )
+        if self._updates_running_stats():
+            self._update_running_stats(mean, biased_var, total)
         return y
 
+
+# replace_batchnorm / revert_batchnorm cover SyncBatchNorm too. Registered here because
+# this module imports bnlab.nn.convert, not the other way round.
+_TO_BNLAB[nn.SyncBatchNorm] = SyncBatchNorm
+_TO_TORCH[SyncBatchNorm] = nn.SyncBatchNorm
 
 _BN_TYPES = (
     nn.BatchNorm1d,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.graph import is_batchnorm
+from bnlab.nn.batchnorm import nonfinite_stats_message
 from bnlab.nn.sync import SyncBatchNorm, global_moments, group_size
 
 __all__ = ["LayerStats", "PopulationStatsReport", "recompute_population_stats"]
@@ -81,6 +82,8 @@ class _Accumulator:
         self.counts: list[int] = []
         self.means: list[Tensor] = []
         self.biased_vars: list[Tensor] = []
+        self.finite: list[Tensor] = []  # (C,) bool per batch: its statistics are finite
+        self.warned = False
 
     def add(self, x: Tensor) -> None:
         x = x.detach()
@@ -93,16 +96,36 @@ class _Accumulator:
         else:
             F.check_batch_norm_input(x, training=True)
             m = F.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Sec. 3.2)
+            if m == 0:
+                return  # an empty batch says nothing about the population
             mu_b, biased_var_b = F.compute_batch_stats(x)
+        if m == 0:
+            return  # every process's slice was empty
+        finite = torch.isfinite(mu_b) & torch.isfinite(biased_var_b)
+        if not self.warned and not bool(finite.all()):
+            # As in the modules: a channel whose batch statistics overflowed or hold a
+            # NaN leaves that batch out of its estimate, with one warning per layer.
+            self.warned = True
+            warnings.warn(
+                nonfinite_stats_message(self.stats.name, mu_b, biased_var_b),
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.counts.append(m)
-        self.means.append(mu_b.double())
-        self.biased_vars.append(biased_var_b.double())
+        self.finite.append(finite)
+        self.means.append(torch.where(finite, mu_b, 0).double())
+        self.biased_vars.append(torch.where(finite, biased_var_b, 0).double())
         self.stats.batches += 1
         self.stats.values += m
 
+    def _counts(self) -> Tensor:
+        """(B, C) values per batch and channel: 0 where that batch's statistics were not finite."""
+        m = torch.tensor(self.counts, dtype=torch.float64, device=self.means[0].device)
+        return m.unsqueeze(1) * torch.stack(self.finite).to(m.dtype)
+
     def _weights(self) -> Tensor:
-        n = torch.tensor(self.counts, dtype=torch.float64, device=self.means[0].device)
-        return (n / n.sum()).unsqueeze(1)  # (B, 1): each batch weighted by its m
+        n = self._counts()
+        return n / n.sum(0)  # (B, C): each batch weighted by its m (NaN: no finite batch)
 
     def _unbiased_vars(self) -> Tensor:
         # Algorithm 2, step 10, per batch: m/(m-1) sigma2_B.
@@ -116,10 +139,9 @@ class _Accumulator:
             return (w * torch.stack(self.means)).sum(0), (w * self._unbiased_vars()).sum(0)
         # Pooled: mean and unbiased variance of all values of all batches together.
         total, mean, biased = F.merge_moments(
-            torch.tensor(self.counts), torch.stack(self.means), torch.stack(self.biased_vars)
+            self._counts(), torch.stack(self.means), torch.stack(self.biased_vars)
         )
-        n = float(total)
-        return mean, biased * (n / (n - 1))
+        return mean, biased * (total / (total - 1))
 
     def stderr(self) -> tuple[Tensor, Tensor] | None:
         """Standard errors of the weighted batch averages E_B[mu_B], E_B[unbiased var].
@@ -127,8 +149,8 @@ class _Accumulator:
         With weights w_b = m_b / sum m: se^2 = B/(B-1) * sum_b w_b^2 (x_b - xbar)^2,
         which is std/sqrt(B) for equal batch sizes.
         """
-        b = len(self.counts)
-        if b < 2:
+        b = torch.stack(self.finite).sum(0).to(torch.float64)  # (C,) batches per channel
+        if len(self.counts) < 2:
             return None
         w = self._weights()
         out = []
@@ -177,8 +199,10 @@ def recompute_population_stats(
       are exact. For equal batch sizes this is what PyTorch's BN computes with
       ``momentum=None`` after ``reset_running_stats()``.
     * ``estimator="pooled"``: the mean and unbiased variance of all values of all
-      batches pooled together, as if one huge batch (what fvcore's precise BN
-      estimates). The means of the two estimators are equal. The pooled variance
+      batches pooled together, as if one huge batch. fvcore's precise BN pools
+      the same way but keeps the biased variance; ours is Bessel-corrected,
+      n/(n-1) times fvcore's for n pooled values. The means of the two
+      estimators are equal. The pooled variance
       is the within-batch variance plus the spread of the batch means,
       ~ E_B[sigma2_B] + Var_B[mu_B]. For independent samples in well-shuffled
       batches both variances estimate the same Var[x]; they differ when the batch
@@ -323,13 +347,20 @@ def recompute_population_stats(
             report.unreached.append(acc.stats.name)
             continue
         mean, uvar = acc.estimate(estimator)
+        seen_ok = torch.stack(acc.finite).any(0)  # channels with at least one finite batch
         with torch.no_grad():
-            m.running_mean.copy_(mean.to(m.running_mean.dtype))
-            m.running_var.copy_(uvar.to(m.running_var.dtype))
+            m.running_mean.copy_(torch.where(seen_ok, mean.to(m.running_mean), m.running_mean))
+            m.running_var.copy_(torch.where(seen_ok, uvar.to(m.running_var), m.running_var))
         se = acc.stderr() if keep_stderr else None
         if se is not None:
             acc.stats.mean_stderr, acc.stats.var_stderr = se
         report.layers.append(acc.stats)
+    if num_batches is not None and seen < num_batches and not stopped:
+        warnings.warn(
+            f"recompute_population_stats: num_batches={num_batches} was asked for but the "
+            f"data held only {seen} batch(es); the estimates use those {seen}",
+            stacklevel=2,
+        )
     if report.unreached:
         warnings.warn(
             f"recompute_population_stats: BN layers never reached by the forward pass kept "
@@ -340,8 +371,13 @@ def recompute_population_stats(
 
 
 def _check_now(seen: int) -> bool:
-    """Test convergence after every batch up to 100, then about 100 times per decade
-    of batches, so the O(batches) test costs O(batches) overall."""
+    """Test convergence after every batch up to 100, then every (seen // 100)-th batch.
+
+    Between 100 k and 100 (k + 1) batches that is about 100 / k tests (rounded
+    up), so a decade of batches (from n to 10 n, n >= 100) holds about 285 of them
+    (100 ln 10 ~ 230, plus the rounding), and as each test costs O(seen), all of
+    them together cost O(100 * batches).
+    """
     return seen <= 100 or seen % (seen // 100) == 0
 
 
@@ -353,8 +389,9 @@ def _converged(accs: dict, tol: float) -> bool:
         if se is None:
             return False
         _, uvar = acc.estimate("paper")
-        if (se[0] / uvar.sqrt().clamp_min(1e-12)).max() > tol:
+        # NaN (a channel with under 2 finite batches so far) counts as not converged.
+        if not bool((se[0] / uvar.sqrt().clamp_min(1e-12) <= tol).all()):
             return False
-        if (se[1] / uvar.clamp_min(1e-12)).max() > tol:
+        if not bool((se[1] / uvar.clamp_min(1e-12) <= tol).all()):
             return False
     return True

@@ -1,0 +1,513 @@
+"""The Batch Normalizing Transform as pure tensor math.
+
+Every formula of the paper lives here once (Ioffe & Szegedy 2015, see
+``PAPER.md``). This is the bottom of bnlab's dependency chain:
+:mod:`bnlab.autograd` wraps it in an ``autograd.Function`` and
+:mod:`bnlab.functional` (the public functional API, which re-exports these
+names) dispatches to it. There are no modules and no global state in this file.
+
+Conventions
+-----------
+* The channel (feature) dimension is dim 1, as in ``torch.nn.BatchNorm*d``.
+  Statistics are taken over every other dimension, so for a convolutional
+  input of shape (N, C, H, W) the effective mini-batch is m' = N*H*W
+  (Section 3.2).
+* Momentum follows PyTorch: ``new = (1 - momentum) * old + momentum * batch``.
+* ``biased_var`` is the mini-batch variance of Algorithm 1 (divide by m);
+  ``unbiased_var`` is m/(m-1) times it (Algorithm 2, step 10).
+* float16/bfloat16 inputs are normalized with statistics accumulated in
+  float32 (``compute_dtype``); the output has the input's dtype.
+
+Numerics
+--------
+The variance is computed by :func:`center` with a corrected two-pass
+algorithm (the mean, then sums of the centered values, minus the square of
+their own mean), never as E[x^2] - E[x]^2, so an input whose mean is much
+larger than its standard deviation keeps its precision. The normalization
+subtracts the mean before scaling for the same reason, in training and at
+inference.
+
+In-place fast paths (reusing a fresh buffer) are taken only for plain tensors
+with autograd not recording; under ``torch.func`` transforms (vmap, jvp,
+grad) and batched gradients (``is_grads_batched``) the same math runs
+out of place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._C import _functorch
+
+__all__ = [
+    "batch_norm_backward",
+    "batch_norm_train_forward",
+    "center",
+    "channel_view",
+    "check_batch_norm_input",
+    "check_eps",
+    "compute_batch_stats",
+    "compute_dtype",
+    "inference_affine",
+    "input_grad",
+    "merge_moments",
+    "normalize",
+    "num_values_per_channel",
+    "reduce_dims",
+    "reduce_grad_sums",
+    "unbiased_var",
+    "update_running_stats",
+]
+
+
+# Inputs with at most this many elements take the fewer-ops paths (per-op overhead
+# dominates there); larger ones the fewer-passes paths.
+SMALL_INPUT = 1 << 16
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """The dimensions statistics are taken over: every dim but the channel dim 1."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-channel vector (C,) to broadcast against ``x`` (N, C, *)."""
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 or wider."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def num_values_per_channel(x: Tensor) -> int:
+    """m, the number of values each channel's statistics are taken over."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """Refuse an ``eps`` that batch normalization cannot use, as torch does.
+
+    Raises:
+        ValueError: ``eps <= 0`` in training (a constant channel has batch
+            variance 0, so eps = 0 gives 1/sqrt(0) = inf and then NaN), or
+            ``eps < 0`` (also in eval).
+    """
+    if training and not eps > 0:
+        raise ValueError(
+            f"batch_norm eps must be positive in training, got {eps!r}: a channel with "
+            "constant values has batch variance 0, and 1/sqrt(0 + eps) is then inf. Use a "
+            "small positive value such as 1e-5"
+        )
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, got {eps!r}; use e.g. 1e-5")
+
+
+def check_batch_norm_input(x: Tensor, training: bool, eps: float | None = None) -> None:
+    """Raise a clear error for input that batch normalization cannot take.
+
+    An empty batch (m = 0 values per channel, e.g. N = 0) is accepted, as in
+    torch: the output is empty and the running statistics stay unchanged.
+
+    Args:
+        x: the input, (N, C, *).
+        training: whether batch statistics will be taken.
+        eps: when given, checked too (see :func:`check_eps`).
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor.
+        ValueError: ``x`` has fewer than 2 dimensions; or, in training, a
+            channel has exactly one value (the batch variance is then 0 and
+            the unbiased estimate undefined); or ``eps`` is refused.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"batch_norm expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"batch_norm expects a floating-point input, got dtype {x.dtype}; "
+            "convert it first, e.g. x.float()"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects input of shape (N, C, *) with at least 2 dimensions, "
+            f"got shape {tuple(x.shape)}; add a batch dimension, e.g. x.unsqueeze(0)"
+        )
+    if training and num_values_per_channel(x) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)}: batch statistics of a single value are undefined. Use a "
+            "mini-batch of at least 2 samples, or call .eval() to use running statistics"
+        )
+    if eps is not None:
+        check_eps(eps, training)
+
+
+# --------------------------------------------------------------------------
+# Algorithm 1: statistics, normalization, scale and shift
+# --------------------------------------------------------------------------
+
+
+def _sum_sq(t: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel sum of squares of ``t`` without a temporary where possible."""
+    if t.dim() > 2 and t.stride(1) != 1:
+        # Reduction runs over the contiguous inner dims: the norm kernel is fastest.
+        return torch.linalg.vector_norm(t, 2, dims).square()
+    return (t * t).sum(dims)  # channel innermost (2-D, channels_last)
+
+
+def center(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Center ``x`` on its batch mean and take its biased batch variance.
+
+    Corrected two-pass algorithm (mean, then sums of ``x - mu_B``), so the
+    variance and the centered values keep their precision when |mean| >> std;
+    no E[x^2] - E[x]^2 anywhere. An empty input (m = 0) has mean 0 and
+    variance 0 by convention (finite, so gradients of an empty batch are 0).
+
+    Returns:
+        ``(x_mu, mu_b, biased_var_b)``: a new tensor x - mu_B (x's shape and
+        memory format, ``compute_dtype``) and the (C,) statistics.
+    """
+    dims = reduce_dims(x)
+    m = max(num_values_per_channel(x), 1)  # empty sums are 0: statistics 0, not 0/0
+    xc = x.to(compute_dtype(x.dtype))
+    mu_b = xc.sum(dims) / m  # sum then divide: cheaper than mean() on small inputs
+    x_mu = xc - channel_view(mu_b, x)
+    # Corrected two-pass: the centered values' own mean c is the rounding error of
+    # the first mean (large when |mean| >> std in float32). Remove it from x_mu, and
+    # from the variance as sum(x_mu^2)/m - c^2, which is exact algebra.
+    c = x_mu.sum(dims) / m
+    biased_var_b = (_sum_sq(x_mu, dims) / m - c.square()).clamp_min(0)
+    c_view = channel_view(c, x)
+    x_mu = x_mu.sub_(c_view) if _inplace_ok(x) else x_mu - c_view
+    return x_mu, mu_b + c, biased_var_b
+
+
+def compute_batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mini-batch mean and biased variance per channel (Algorithm 1, lines 1-2).
+
+        mu_B     = 1/m * sum_i x_i
+        sigma2_B = 1/m * sum_i (x_i - mu_B)^2
+
+    Args:
+        x: input of shape (N, C, *).
+
+    Returns:
+        ``(mu_b, biased_var_b)``, each of shape (C,), in ``compute_dtype(x.dtype)``.
+    """
+    _, mu_b, biased_var_b = center(x)
+    return mu_b, biased_var_b
+
+
+def merge_moments(
+    counts: Tensor, means: Tensor, biased_vars: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-part statistics into those of the union of the parts.
+
+    For K parts with n_k values, means mu_k and biased variances v_k (per
+    channel), the union of N = sum n_k values has
+
+        mu  = sum_k n_k mu_k / N
+        var = sum_k n_k (v_k + (mu_k - mu)^2) / N
+
+    (the parallel form of Chan et al.; no E[x^2] - E[x]^2, so it is stable when
+    |mean| >> std). Parts with n_k = 0 are ignored, whatever their mean holds.
+    Used for statistics across processes (unequal per-rank batch sizes) and
+    across mini-batches (population statistics).
+
+    Args:
+        counts: (K,) or (K, C) number of values per part.
+        means, biased_vars: (K, C).
+
+    Returns:
+        ``(total_count, mean, biased_var)`` of shapes (C,) or scalar count.
+    """
+    n = counts.to(means.dtype)
+    if n.dim() == 1:
+        n = n.unsqueeze(1)
+    total = n.sum(0)
+    w = n / total.clamp_min(1)
+    present = n > 0
+    mean = torch.where(present, means, 0).mul(w).sum(0)
+    dev2 = torch.where(present, biased_vars + (means - mean).square(), 0)
+    return total.squeeze(0) if counts.dim() == 1 else total, mean, dev2.mul(w).sum(0)
+
+
+def unbiased_var(biased_var: Tensor, m: int) -> Tensor:
+    """The unbiased variance estimate m/(m-1) * sigma2_B (Algorithm 2, step 10)."""
+    return biased_var * (m / (m - 1))
+
+
+def _inplace_ok(*tensors: Tensor) -> bool:
+    """Whether an in-place update of a fresh buffer computed from ``tensors`` is safe.
+
+    In-place ops save memory traffic, but only when autograd is not recording
+    (it would need the overwritten values) and every tensor involved is a
+    plain one: under ``vmap`` (``torch.func`` or the batched gradients of
+    ``is_grads_batched``/``check_batched_grad``) an unbatched buffer cannot
+    take a batched operand in place, and other transforms wrap tensors too.
+    """
+    if torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return True  # traced tensors are never functorch-wrapped; functionalization copes
+    for t in tensors:
+        if t is not None and (
+            _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t)
+        ):
+            return False
+    return True
+
+
+def _scale_shift_(
+    x_mu: Tensor, inv_std: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """x_mu * inv_std * gamma + beta (Algorithm 1, lines 3-4), in ``x_mu``'s
+    buffer when autograd is not recording."""
+    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+    scale = channel_view(scale, x_mu)
+    inplace = _inplace_ok(x_mu, scale, bias)
+    if bias is None:
+        return x_mu.mul_(scale) if inplace else x_mu * scale
+    shift = channel_view(bias.to(scale.dtype), x_mu)
+    if inplace and x_mu.numel() > SMALL_INPUT:
+        if x_mu.stride(1) == 1:  # channel innermost (2-D, channels_last): one fused pass
+            return torch.addcmul(shift, x_mu, scale, out=x_mu)
+        return x_mu.mul_(scale).add_(shift)  # addcmul broadcasting over inner dims is slow
+    return torch.addcmul(shift, x_mu, scale)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    inv_std: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = gamma * (x - mean) * inv_std + beta (Algorithm 1, lines 3-4).
+
+    ``mean`` and ``inv_std`` are per-channel (C,) vectors: the batch
+    statistics in training, the population statistics at inference.
+    The mean is subtracted before scaling, exact when |mean| >> std.
+    The result has ``x``'s dtype and memory format.
+    """
+    x_mu = x.to(mean.dtype) - channel_view(mean, x)
+    return _scale_shift_(x_mu, inv_std, weight, bias).to(x.dtype)
+
+
+def inference_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """Coefficients of inference BN as a fixed affine map (Algorithm 2, step 11).
+
+        scale = gamma / sqrt(Var[x] + eps)
+        shift = beta - gamma * E[x] / sqrt(Var[x] + eps)
+
+    so that ``BN_inf(x) = scale * x + shift`` per channel. These are what
+    inference folding composes into a neighbouring Linear or ConvNd layer.
+
+    Returns:
+        ``(scale, shift)``, each of shape (C,).
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = weight * scale
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+# --------------------------------------------------------------------------
+# The backward pass (Section 3, chain-rule equations) in closed form
+# --------------------------------------------------------------------------
+
+
+def batch_norm_train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode forward (Algorithm 1): the hot path a compiled backend may replace.
+
+    Returns:
+        ``(y, mu_b, biased_var_b)``; ``y`` has ``x``'s dtype, the statistics
+        ``compute_dtype(x.dtype)``.
+    """
+    x_mu, mu_b, biased_var_b = center(x)
+    inv_std = torch.rsqrt(biased_var_b + eps)
+    y = _scale_shift_(x_mu, inv_std, weight, bias)  # reuses the x - mu_B buffer
+    return y.to(x.dtype), mu_b, biased_var_b
+
+
+def batch_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Algorithm 1 with respect to x, gamma and beta.
+
+    The paper's chain rule (Section 3)
+
+        dl/dxhat_i   = dl/dy_i * gamma
+        dl/dsigma2_B = sum_i dl/dxhat_i (x_i - mu_B) * -1/2 (sigma2_B + eps)^(-3/2)
+        dl/dmu_B     = -sum_i dl/dxhat_i / sqrt(sigma2_B + eps)
+                       + dl/dsigma2_B * sum_i -2 (x_i - mu_B) / m
+        dl/dx_i      = dl/dxhat_i / sqrt(sigma2_B + eps)
+                       + dl/dsigma2_B * 2 (x_i - mu_B) / m + dl/dmu_B / m
+        dl/dgamma    = sum_i dl/dy_i xhat_i
+        dl/dbeta     = sum_i dl/dy_i
+
+    collapses (the second term of dl/dmu_B is zero) to
+
+        dl/dx_i = gamma * inv_std / m * (m dl/dy_i - sum_j dl/dy_j - xhat_i sum_j dl/dy_j xhat_j)
+
+    which is what is computed, per channel over m = N * prod(spatial) values.
+
+    Args:
+        grad_y: dl/dy, shape of ``x``.
+        x: the forward input.
+        weight: gamma, or None for gamma = 1.
+        mu_b, inv_std: the forward's batch mean and 1/sqrt(sigma2_B + eps).
+        needs_input_grad: which of (x, weight, bias) gradients to return.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias)``; entries not needed are None.
+    """
+    need_x, need_w, need_b = needs_input_grad
+    sum_dy, sum_dy_xmu, scratch = reduce_grad_sums(grad_y, x, mu_b)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        m = num_values_per_channel(x)
+        grad_x = input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m, scratch)
+    if need_w and weight is not None:
+        grad_w = (sum_dy_xmu * inv_std).to(weight.dtype)  # dl/dgamma = sum dy * xhat
+    if need_b:
+        grad_b = sum_dy.to(weight.dtype if weight is not None else grad_y.dtype)  # dl/dbeta
+    return grad_x, grad_w, grad_b
+
+
+def reduce_grad_sums(grad_y: Tensor, x: Tensor, mu_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The two per-channel sums the backward needs.
+
+        sum_dy     = sum_i dl/dy_i                 (= dl/dbeta)
+        sum_dy_xmu = sum_i dl/dy_i * (x_i - mu_B)  (= dl/dgamma / inv_std)
+
+    Across processes these are the only values to all-reduce before
+    :func:`input_grad` (with m the global count).
+
+    Returns:
+        ``(sum_dy, sum_dy_xmu, scratch)``; ``scratch`` is a buffer of ``x``'s
+        shape that :func:`input_grad` may overwrite.
+    """
+    dims = reduce_dims(x)
+    cdt = mu_b.dtype
+    gy = grad_y.to(cdt)
+    scratch = x.to(cdt) - channel_view(mu_b, x)  # x - mu_B, exact when |mean| >> std
+    sum_dy = gy.sum(dims)
+    inplace = _inplace_ok(gy, scratch)
+    sum_dy_xmu = (scratch.mul_(gy) if inplace else scratch * gy).sum(dims)
+    return sum_dy, sum_dy_xmu, scratch
+
+
+def input_grad(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    m: int,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """dl/dx of Algorithm 1 from the reduced sums (closed form of Section 3):
+
+        dl/dx = k * dy - k * sum_dy / m - (k * inv_std^2 * sum_dy_xmu / m) * (x - mu_B),
+        k = gamma * inv_std
+
+    Args:
+        m: the number of values the statistics were taken over (all ranks).
+        scratch: optional buffer of ``x``'s shape to write the result into.
+    """
+    cdt = mu_b.dtype
+    gy = grad_y.to(cdt)
+    xc = x.to(cdt)
+    mu = channel_view(mu_b, x)
+    k = inv_std if weight is None else weight.to(cdt) * inv_std
+    coef_xmu = channel_view(-k * inv_std * inv_std * sum_dy_xmu / m, x)
+    coef_const = channel_view(-k * sum_dy / m, x)
+    if _inplace_ok(gy, xc, mu, k, coef_xmu, coef_const, scratch):
+        # No new allocation when a scratch buffer is given.
+        buf = xc - mu if scratch is None else torch.sub(xc, mu, out=scratch)
+        grad_x = buf.mul_(coef_xmu).add_(coef_const).addcmul_(gy, channel_view(k, x))
+    else:  # double backward (autograd records these ops), or under vmap
+        grad_x = torch.addcmul(coef_const, xc - mu, coef_xmu) + gy * channel_view(k, x)
+    return grad_x.to(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# Running statistics (Section 3.1: moving averages track the population)
+# --------------------------------------------------------------------------
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mu_b: Tensor,
+    biased_var_b: Tensor,
+    m: int,
+    momentum: float | Tensor,
+) -> Tensor:
+    """Update running statistics in place with PyTorch's momentum convention.
+
+        running_mean = (1 - momentum) * running_mean + momentum * mu_B
+        running_var  = (1 - momentum) * running_var  + momentum * m/(m-1) sigma2_B
+
+    The variance uses the unbiased estimate of Algorithm 2, step 10.
+    A cumulative average is ``momentum = 1 / num_batches_tracked``.
+
+    Two cases leave the running statistics as they are:
+
+    * an empty batch (m = 0), as in torch;
+    * channels whose batch mean or variance is not finite (a NaN or inf in the
+      batch, float16 overflow). One such batch would otherwise poison the
+      running statistics for good (PyTorch issues 115500, 88474). Their
+      finite running values stay exactly as they were; the other channels
+      are updated as usual.
+
+    Under ``torch.func.vmap`` the buffers must be batched like the statistics
+    (as ``torch.func.stack_module_state`` gives them, one set per model);
+    unbatched buffers with batched statistics raise a RuntimeError from vmap,
+    as torch's own batch norm does (PyTorch issue 85533).
+
+    Args:
+        running_mean, running_var: (C,) buffers updated in place, or None.
+        mu_b, biased_var_b: the batch statistics, (C,).
+        m: the number of values they were taken over (0: nothing to update).
+        momentum: a float, or a 0-dim tensor (e.g. ``1 / num_batches_tracked``
+            computed on the device, which also works under vmap).
+
+    Returns:
+        A (C,) bool tensor, True for the channels whose update was skipped
+        because their batch statistics were not finite (all False for an
+        empty batch). Reading it (``skipped.any()``) synchronizes with the
+        device; callers that warn should do so only when they must.
+    """
+    with torch.no_grad():
+        # One test for both: a NaN or inf in either makes the sum non-finite.
+        finite = torch.isfinite(mu_b + biased_var_b)
+        if m == 0:
+            return torch.zeros_like(finite)
+        # A skipped channel moves towards its own value: lerp(a, a, w) = a exactly.
+        if running_mean is not None:
+            batch_mean = torch.where(finite, mu_b.to(running_mean.dtype), running_mean)
+            running_mean.lerp_(batch_mean, momentum)
+        if running_var is not None:
+            batch_var = unbiased_var(biased_var_b, m).to(running_var.dtype)
+            running_var.lerp_(torch.where(finite, batch_var, running_var), momentum)
+        return ~finite
