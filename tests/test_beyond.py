@@ -76,3 +76,43 @@ def test_dropout_arms_really_drop(tmp_path):
         assert any("BatchNorm" in type(m).__name__ for m in job.model.modules()) == arm.startswith(
             "bn"
         )
+
+
+def test_noisy_shift_follows_santurkar_and_is_identity_in_eval():
+    import torch
+
+    from bnlab.experiments.shift import NoisyShift
+
+    noise = NoisyShift(copies=2)
+    x = torch.zeros(4000, 2 * 50)
+    torch.manual_seed(0)
+    shift = noise(x).view(4000, 2, 50)  # x = 0: the output is the shift alone
+    for k in range(2):  # per copy: mu ~ U(-0.5, 0.5), shift ~ U(mu - 0.1, mu + 0.1)
+        mu = shift[:, k].mean()
+        assert -0.5 <= mu <= 0.5
+        assert shift[:, k].max() - shift[:, k].min() == pytest.approx(0.2, abs=0.01)
+    scale = noise(torch.ones(4000, 100)) - noise(torch.zeros(4000, 100))  # new draws each call
+    assert scale.std() > 0.05
+    torch.manual_seed(1)
+    a = noise(torch.ones(3, 100))
+    torch.manual_seed(1)
+    assert torch.equal(a, noise(torch.ones(3, 100)))  # the loop's per-step seed fixes it
+    noise.eval()
+    x = torch.randn(5, 100)
+    assert torch.equal(noise(x), x)
+
+
+@pytest.mark.slow
+def test_shift_records_every_probe_and_reports_verdicts(tmp_path):
+    out = tmp_path / "run"
+    assert main(["reproduce", "shift", *TINY, "--probe-examples", "50", "--out", str(out)]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {r["arm"] for r in evals} == {"none", "bn", "noisy-bn"}
+    for r in evals:
+        assert len(r["shift"]) == 3  # the three sigmoids
+        assert all(len(v["kl"]) == 2 for v in r["shift"].values())  # one value per seed
+        assert len(r["ics"]) == 4 and len(r["smoothness"]["beta"]) == 2
+    report = (out / "report.md").read_text()
+    assert "![probes over training](shift.png)" in report and "gradient-based ICS" in report
+    assert (out / "shift.png").stat().st_size > 10_000

@@ -24,6 +24,10 @@ EXPERIMENTS = {
         "bnlab.experiments.lr_init",
         "Section 3.3: learning rates x initial weight scales, with and without BN",
     ),
+    "shift": (
+        "bnlab.experiments.shift",
+        "Internal covariate shift measured: probes of shift, gradient ICS and smoothness",
+    ),
     "dropout": (
         "bnlab.experiments.dropout",
         "Section 3.4: BN with and without dropout against the baseline with and without it",

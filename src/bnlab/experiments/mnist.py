@@ -76,6 +76,7 @@ def mlp_job(
     evaluate: Callable[[nn.Module], dict],
     finalize: Callable[[nn.Module], dict] | None = None,
     divergence_bound: float = math.inf,
+    probe: Callable[[nn.Module, int], dict] | None = None,
 ) -> TrainJob:
     """A seed-batched MNIST network as a job for the shared loop: copy k sees seed k's
     mini-batches, and the loss is summed per copy so each copy gets its own gradient.
@@ -106,4 +107,5 @@ def mlp_job(
         checkpoint_every=checkpoint_every,
         finalize=finalize,
         divergence_bound=divergence_bound,
+        probe=probe,
     )

@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "inception": "bnlab.report.inception",
     "lr_init": "bnlab.report.lr_init",
     "dropout": "bnlab.report.dropout",
+    "shift": "bnlab.report.shift",
 }
 
 

@@ -90,6 +90,10 @@ class TrainJob:
         divergence_bound: a copy whose mean per-example loss on a step is
             non-finite or above this has diverged.
         seed: base of the per-step random state (dropout, noise).
+        probe: optional ``(model, step) -> dict`` of more fields for each ``eval``
+            record, called in training mode with autograd on, before step ``step``
+            trains (single-process runs only). It must leave the model, its
+            optimizer and the random state as it found them (see :mod:`bnlab.probes`).
     """
 
     name: str
@@ -107,6 +111,7 @@ class TrainJob:
     finalize: Callable[[nn.Module], dict] | None = None
     divergence_bound: float = math.inf
     seed: int = 0
+    probe: Callable[[nn.Module, int], dict] | None = None
 
 
 @dataclass
@@ -240,6 +245,13 @@ def train(
         if main:
             with evaluation(model):
                 fields = job.evaluate(model)
+            if job.probe is not None and world == 1:
+                was_training = model.training
+                model.train()
+                try:
+                    fields.update(job.probe(model, step))
+                finally:
+                    model.train(was_training)
             write(
                 [
                     {

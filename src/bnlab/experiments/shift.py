@@ -1,0 +1,236 @@
+"""Does BN work by reducing internal covariate shift? Measured, not assumed.
+
+The paper (Sections 1-2) says BN speeds training by reducing internal covariate
+shift (ICS), but never measures ICS (PAPER.md Section 9). Santurkar et al. (2018)
+did, and found BN networks show similar or higher gradient-based ICS; they argue
+BN makes the loss landscape smoother instead (PAPER.md Section 10). This
+experiment trains the Section 4.1 network three ways and probes it at every
+evaluation with :mod:`bnlab.probes`:
+
+- ``none``: no BN; ``bn``: BN before each sigmoid (``bnlab.insert_batchnorm``);
+- ``noisy-bn``: BN followed by Santurkar's noise, a random scale and shift drawn
+  afresh at every step, which *adds* distributional shift on purpose.
+
+Probes at step t, on that step's batch, never changing the training trajectory:
+
+- distributional shift of each sigmoid's input caused by the step t -> t+1 (its
+  update applied to a copy): per-unit mean and variance drift, 1-D Wasserstein
+  distance and Gaussian KL, on a fixed set of training images;
+- gradient-based ICS of each linear layer (Santurkar's ||G - G'||, cos(G, G'));
+- smoothness along the gradient: loss range, gradient predictiveness and
+  effective beta-smoothness for step sizes in [1/2, 4] x the learning rate.
+
+Glorot's initialization is the default: with Figure 1's N(0, 0.01^2) the
+network without BN sits at chance for ~12k steps (see ``bnlab reproduce
+lr-init``), and its probes would describe that plateau.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bnlab import probes
+from bnlab.data import load_mnist_dir
+from bnlab.distributed import DistInfo
+from bnlab.experiments.mnist import accuracy, load_arrays, mlp_job
+from bnlab.insert import insert_batchnorm
+from bnlab.models import mnist_mlp
+from bnlab.train.loop import TrainJob
+
+__all__ = ["ARMS", "Config", "NoisyShift", "PRESETS", "add_noise_after_bn"]
+
+ARMS = ("none", "bn", "noisy-bn")
+
+
+@dataclass
+class Config:
+    """One shift run (saved as config.json)."""
+
+    data: str | None = None
+    steps: int = 10_000
+    seeds: int = 3
+    init: str = "glorot"
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 60
+    eval_every: int = 500
+    probe_examples: int = 1_000
+    checkpoint_every: int = 5_000
+    device: str = "cpu"
+
+    IDENTITY = (
+        "data",
+        "steps",
+        "seeds",
+        "init",
+        "lr",
+        "momentum",
+        "batch_size",
+        "eval_every",
+        "probe_examples",
+    )
+
+
+HELP = {
+    "steps": "training steps per arm",
+    "seeds": "independent copies per arm",
+    "init": "initial weights: 'glorot', or a number s for N(0, s^2)",
+    "lr": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "batch_size": "mini-batch size",
+    "eval_every": "steps between evaluations, each with every probe",
+    "probe_examples": "training images (a fixed random subset) on which shift is measured",
+    "checkpoint_every": "steps between checkpoints (taken at the next evaluation)",
+    "device": "cpu or cuda",
+}
+
+PRESETS = {"quick": {"steps": 200, "eval_every": 100, "probe_examples": 200}, "default": {}}
+
+
+class NoisyShift(nn.Module):
+    """Santurkar et al.'s "noisy BN" noise, put after a BN layer (PAPER.md Section 10).
+
+    In training, at every call (step) and for each copy: mu ~ U(-0.5, 0.5) and
+    sigma ~ U(1, 1.25); then per element shift ~ U(mu - 0.1, mu + 0.1) and scale ~
+    N(sigma, 0.1), and ``y = x * scale + shift``. Identity in evaluation. Draws from
+    torch's global generator, which the shared loop seeds per step, so runs resume
+    exactly.
+    """
+
+    def __init__(self, copies: int = 1):
+        super().__init__()
+        self.copies = copies
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        n, width = x.shape[0], x.shape[1]
+        per_copy = (1, self.copies, width // self.copies)  # copy k's units are block k
+        mu = torch.empty(per_copy[:2] + (1,), device=x.device).uniform_(-0.5, 0.5)
+        sigma = torch.empty(per_copy[:2] + (1,), device=x.device).uniform_(1.0, 1.25)
+        shift = mu + torch.empty((n, *per_copy[1:]), device=x.device).uniform_(-0.1, 0.1)
+        scale = sigma + 0.1 * torch.randn((n, *per_copy[1:]), device=x.device)
+        return (x.view(n, *per_copy[1:]) * scale + shift).view_as(x)
+
+    def extra_repr(self) -> str:
+        return f"copies={self.copies}"
+
+
+def add_noise_after_bn(model: nn.Sequential, copies: int) -> nn.Sequential:
+    """A copy of ``model`` with a :class:`NoisyShift` after every BN layer."""
+    layers = []
+    for m in model:
+        layers.append(m)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__:
+            layers.append(NoisyShift(copies))
+    return nn.Sequential(*layers)
+
+
+def _init(cfg: Config):
+    return "glorot" if cfg.init == "glorot" else float(cfg.init)
+
+
+def validate(cfg: Config) -> None:
+    """Reject invalid options up front with one clear message (ValueError)."""
+    try:
+        init = _init(cfg)
+    except ValueError:
+        raise ValueError(f"--init must be 'glorot' or a number, got {cfg.init!r}") from None
+    checks = [
+        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        (cfg.seeds >= 1, f"--seeds must be at least 1, got {cfg.seeds}"),
+        (init == "glorot" or (math.isfinite(init) and init > 0), "--init must be positive"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be positive and finite, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.batch_size >= 2, f"--batch-size must be at least 2 for BN, got {cfg.batch_size}"),
+        (cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
+        (cfg.probe_examples >= 2, "--probe-examples must be at least 2"),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (cfg.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {cfg.device!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(cfg: Config) -> None:
+    if cfg.data is not None:
+        load_mnist_dir(cfg.data)
+
+
+def arms(cfg: Config) -> tuple[str, ...]:
+    return ARMS
+
+
+def describe(cfg: Config) -> list[str]:
+    return [
+        f"shift: {len(ARMS)} arms ({', '.join(ARMS)}) x {cfg.seeds} seed(s) x {cfg.steps} "
+        f"steps, probed every {cfg.eval_every} steps"
+    ]
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What `bnlab reproduce shift` prints at the end."""
+    return [f"{arm:>9}: {text}" for arm, text in summary["lines"].items()]
+
+
+def build_arm_model(arm: str, cfg: Config) -> nn.Module:
+    model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=_init(cfg))
+    if arm != "none":
+        model = insert_batchnorm(model)
+    if arm == "noisy-bn":
+        model = add_noise_after_bn(model, cfg.seeds)
+    return model
+
+
+def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
+    arrays = load_arrays(cfg.data, cfg.batch_size, cfg.seeds, cfg.device, info)
+    model = build_arm_model(arm, cfg).to(arrays.device)
+    pick = torch.randperm(len(arrays.x_train), generator=torch.Generator().manual_seed(0))
+    x_probe = arrays.x_train[pick[: cfg.probe_examples].to(arrays.device)]
+
+    def evaluate(m: nn.Module) -> dict:
+        return {"test_acc": accuracy(m, arrays.x_test, arrays.y_test, cfg.seeds)}
+
+    job = mlp_job(
+        arm,
+        model,
+        arrays,
+        copies=cfg.seeds,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every,
+        evaluate=evaluate,
+    )
+
+    def mean_loss(out: Tensor, y: Tensor) -> Tensor:  # per copy, as the optimizer sees it
+        return job.loss(out, y) / cfg.batch_size
+
+    def probe(m: nn.Module, step: int) -> dict:
+        batch = job.batch(step, slice(None))
+        sigmoids = [nn.Sigmoid]
+        before = probes.activation_snapshot(m, x_probe, sigmoids, cfg.seeds, seed=2 * step)
+        # The step t -> t+1 applied to a copy of the model and its optimizer state.
+        with torch.random.fork_rng(devices=[]):
+            m2, opt2 = copy.deepcopy((m, job.optimizer))
+            opt2.zero_grad(set_to_none=True)
+            mean_loss(m2(batch[0]), batch[1]).sum().backward()
+            opt2.step()
+        after = probes.activation_snapshot(m2, x_probe, sigmoids, cfg.seeds, seed=2 * step + 1)
+        return {
+            "shift": probes.distribution_shift(before, after),
+            "ics": probes.gradient_ics(m, mean_loss, batch, job.optimizer, cfg.seeds),
+            "smoothness": probes.smoothness(m, mean_loss, batch, cfg.lr, copies=cfg.seeds),
+        }
+
+    job.probe = probe
+    return job
