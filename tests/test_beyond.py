@@ -19,11 +19,23 @@ def test_cell_names_round_trip():
         assert lr_init.parse_cell(lr_init.cell_name(norm, lr, init)) == (norm, lr, init)
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One tiny run of each experiment, shared by the tests below."""
+    root = tmp_path_factory.mktemp("beyond")
+    extra = {
+        "lr-init": ["--lrs", "0.01,1e30", "--inits", "0.01,glorot"],
+        "dropout": [],
+        "shift": ["--probe-examples", "50"],
+    }
+    for name, args in extra.items():
+        assert main(["reproduce", name, *TINY, *args, "--out", str(root / name)]) == 0
+    return root
+
+
 @pytest.mark.slow
-def test_lr_init_grid_runs_and_reports_divergence(tmp_path):
-    out = tmp_path / "run"
-    args = ["reproduce", "lr-init", *TINY, "--lrs", "0.01,1e30", "--inits", "0.01,glorot"]
-    assert main([*args, "--out", str(out)]) == 0
+def test_lr_init_grid_runs_and_reports_divergence(runs):
+    out = runs / "lr-init"
     for name in ("config.json", "metrics.jsonl", "summary.json", "lr_init.png", "report.md"):
         assert (out / name).exists(), name
     s = _summary(out)
@@ -49,9 +61,8 @@ def test_lr_init_refuses_bad_grids(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_dropout_runs_four_arms_with_train_and_test_accuracy(tmp_path):
-    out = tmp_path / "run"
-    assert main(["reproduce", "dropout", *TINY, "--out", str(out)]) == 0
+def test_dropout_runs_four_arms_with_train_and_test_accuracy(runs):
+    out = runs / "dropout"
     s = _summary(out)
     assert set(s["arms"]) == {"none", "none+dropout", "bn", "bn+dropout"}
     for arm in s["arms"].values():
@@ -103,9 +114,8 @@ def test_noisy_shift_follows_santurkar_and_is_identity_in_eval():
 
 
 @pytest.mark.slow
-def test_shift_records_every_probe_and_reports_verdicts(tmp_path):
-    out = tmp_path / "run"
-    assert main(["reproduce", "shift", *TINY, "--probe-examples", "50", "--out", str(out)]) == 0
+def test_shift_records_every_probe_and_reports_verdicts(runs):
+    out = runs / "shift"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert {r["arm"] for r in evals} == {"none", "bn", "noisy-bn"}
@@ -116,3 +126,25 @@ def test_shift_records_every_probe_and_reports_verdicts(tmp_path):
     report = (out / "report.md").read_text()
     assert "![probes over training](shift.png)" in report and "gradient-based ICS" in report
     assert (out / "shift.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_claims_table_files_every_verdict_under_its_claim(runs, tmp_path, capsys):
+    from bnlab.report.claims import CLAIMS
+
+    dirs = [str(runs / name) for name in ("lr-init", "dropout", "shift")]
+    assert main(["claims", *dirs, "--out", str(tmp_path / "claims")]) == 0
+    result = json.loads((tmp_path / "claims" / "claims.json").read_text())
+    assert [c["id"] for c in result["claims"]] == [c[0] for c in CLAIMS]
+    by_id = {c["id"]: c["rows"] for c in result["claims"]}
+    for cid in ("alg1-moments", "scale-invariance"):  # checked now, exactly
+        assert [r["verdict"] for r in by_id[cid]] == ["agrees"]
+    for cid in ("higher-lr", "init", "regularizes", "dropout", "ics"):
+        assert len(by_id[cid]) == 1 and by_id[cid][0]["verdict"] in (
+            "agrees", "does not agree", "not measurable")  # fmt: skip
+    assert by_id["inc-bn-x5"] == [] and by_id["shuffle"] == []
+    md = (tmp_path / "claims" / "claims.md").read_text().split("## Further")[0]
+    assert md.count("**not tested**") == sum(1 for c in result["claims"] if not c["rows"])
+    assert any("Santurkar" in r["title"] for r in result["other"])
+    assert main(["claims", str(tmp_path), "--out", str(tmp_path / "c2")]) == 2
+    assert "not a finished run" in capsys.readouterr().err

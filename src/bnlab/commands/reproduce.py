@@ -71,6 +71,23 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_claims(args: argparse.Namespace) -> int:
+    from bnlab.report import ReportError
+    from bnlab.report.claims import build_claims
+
+    try:
+        result = build_claims(args.run_dirs, args.out)
+    except (ReportError, ValueError, OSError) as e:
+        print(f"bnlab claims: error: {e}", file=sys.stderr)
+        return 2
+    tested = sum(bool(c["rows"]) for c in result["claims"])
+    print(
+        f"{tested} of {len(result['claims'])} claims tested; wrote {args.out}/claims.md, "
+        "claims.html and claims.json"
+    )
+    return 0
+
+
 def add_parser(subparsers) -> None:
     rep = subparsers.add_parser(
         "reproduce",
@@ -152,3 +169,16 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `bnlab reproduce` --out")
     r.set_defaults(func=_run_report)
+
+    c = subparsers.add_parser(
+        "claims",
+        help="the paper's claims (Sections 3-4) beside our measurements, from finished runs",
+        description="Collect the verdicts of finished `bnlab reproduce` runs into one table of "
+        "the paper's claims: our measurement, seeds, interval and verdict (agrees / does not "
+        "agree / not tested), and the figure that shows it.",
+    )
+    c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders")
+    c.add_argument(
+        "--out", type=Path, default=Path("runs/claims"), help="folder for claims.md/.html/.json"
+    )
+    c.set_defaults(func=_run_claims)

@@ -187,3 +187,17 @@ def build_report(run_dir: str | Path) -> dict:
     _figure(records, cfg, run_dir / "dropout.png")
     write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: BN and dropout")
     return summary
+
+
+# For `bnlab claims`: the figure that shows this run, and which claim of
+# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+FIGURE = "dropout.png"
+CLAIM_IDS = {
+    "BN regularizes": "regularizes",
+    "BN reduces the need for dropout": "dropout",
+}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _verdicts(summary)

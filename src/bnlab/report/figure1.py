@@ -365,3 +365,18 @@ def build_report(run_dir: str | Path) -> dict:
     _figure(records, config["config"], run_dir / "figure1.png")
     write_documents(run_dir, _markdown(summary, config, env, data_desc), "bnlab: Figure 1")
     return summary
+
+
+# For `bnlab claims`: the figure that shows this run, and which claim of
+# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+FIGURE = "figure1.png"
+CLAIM_IDS = {
+    "BN reaches higher final test accuracy": "fig1-accuracy",
+    "BN trains faster": "fig1-faster",
+    "Sigmoid input more stable with BN": "fig1-stable",
+}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _verdicts(summary)

@@ -407,3 +407,21 @@ def build_report(run_dir: str | Path) -> dict:
     _figure(records, summary, run_dir / "figure2.png")
     write_documents(run_dir, _markdown(summary, config, env, summary["data"]), "bnlab: Section 4.2")
     return summary
+
+
+# For `bnlab claims`: the figure that shows this run, and which claim of
+# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+FIGURE = "figure2.png"
+CLAIM_IDS = {
+    "bn-baseline reaches": "inc-bn-baseline",
+    "bn-x5 reaches": "inc-bn-x5",
+    "bn-x30 ends higher": "inc-bn-x30",
+    "Inception without BN at 5x": "inc-x5-diverges",
+    "With sigmoids": "sigmoid",
+    "The ensemble": "ensemble",
+}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _claims(summary)

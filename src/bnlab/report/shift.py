@@ -305,3 +305,16 @@ def build_report(run_dir: str | Path) -> dict:
     _figure(records, cfg, run_dir / "shift.png")
     write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: internal covariate shift")
     return summary
+
+
+# For `bnlab claims`: the figure that shows this run, and which claim of
+# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+FIGURE = "shift.png"
+CLAIM_IDS = {
+    "BN reduces the distributional shift": "ics",
+}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _verdicts(summary)
