@@ -5,6 +5,8 @@ Every formula of the paper lives here once (Ioffe & Szegedy 2015, see
 :mod:`bnlab.autograd` wraps it in an ``autograd.Function`` and
 :mod:`bnlab.functional` (the public functional API, which re-exports these
 names) dispatches to it. There are no modules and no global state in this file.
+The last sections hold the math of two related methods (PAPER.md Section 10):
+Batch Renormalization and ghost batch normalization.
 
 Conventions
 -----------
@@ -42,6 +44,11 @@ from torch._C import _functorch
 __all__ = [
     "batch_norm_backward",
     "batch_norm_train_forward",
+    "batch_renorm_affine",
+    "batch_renorm_backward",
+    "batch_renorm_correction",
+    "batch_renorm_limits",
+    "batch_renorm_train_forward",
     "center",
     "channel_view",
     "check_batch_norm_input",
@@ -57,6 +64,7 @@ __all__ = [
     "reduce_grad_sums",
     "unbiased_var",
     "update_running_stats",
+    "virtual_batches",
 ]
 
 
@@ -511,3 +519,222 @@ def update_running_stats(
             batch_var = unbiased_var(biased_var_b, m).to(running_var.dtype)
             running_var.lerp_(torch.where(finite, batch_var, running_var), momentum)
         return ~finite
+
+
+# --------------------------------------------------------------------------
+# Batch Renormalization (Ioffe 2017; PAPER.md Section 10)
+# --------------------------------------------------------------------------
+
+
+def batch_renorm_limits(
+    step: Tensor | int,
+    rmax: float,
+    dmax: float,
+    warmup_steps: int,
+    rmax_steps: int,
+    dmax_steps: int,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """The clipping limits (rmax, dmax) of Batch Renorm at training step ``step``.
+
+    The schedule of Ioffe 2017 (PAPER.md Section 10): plain BN (rmax = 1,
+    dmax = 0) for the first ``warmup_steps`` steps, then each limit rises
+    linearly to its final value, reached at step ``rmax_steps`` (resp.
+    ``dmax_steps``) and kept afterwards:
+
+        rmax(s) = 1 + (rmax - 1) * clip((s - warmup_steps) / (rmax_steps - warmup_steps), 0, 1)
+        dmax(s) =      dmax      * clip((s - warmup_steps) / (dmax_steps - warmup_steps), 0, 1)
+
+    A ramp whose end is at or before ``warmup_steps`` jumps to its final value
+    at step ``warmup_steps + 1``; ``warmup_steps = rmax_steps = dmax_steps = 0``
+    gives fixed limits from the first step. In the paper: 5000, 40000, 25000
+    with rmax = 3 and dmax = 5.
+
+    Args:
+        step: the 1-based index of the training step the limits are for (a
+            module passes ``num_batches_tracked + 1``): an int, or a 0-dim
+            tensor so that no device-to-host copy is needed.
+        rmax, dmax: the final limits (rmax >= 1, dmax >= 0).
+        warmup_steps, rmax_steps, dmax_steps: the schedule, in steps.
+        dtype: the dtype of the result.
+
+    Returns:
+        ``(rmax_s, dmax_s)``, 0-dim tensors (on ``step``'s device when it is a
+        tensor). Exactly 1 and 0 during the warm-up.
+    """
+    s = step.to(dtype) if isinstance(step, Tensor) else torch.tensor(float(step), dtype=dtype)
+
+    def ramp(end: int) -> Tensor:
+        if end <= warmup_steps:
+            return (s > warmup_steps).to(dtype)
+        return ((s - warmup_steps) / (end - warmup_steps)).clamp(0, 1)
+
+    return 1 + (rmax - 1) * ramp(rmax_steps), dmax * ramp(dmax_steps)
+
+
+def batch_renorm_correction(
+    mu_b: Tensor,
+    biased_var_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    rmax: float | Tensor,
+    dmax: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The correction (r, d) of Batch Renorm (Ioffe 2017), per channel, without gradient.
+
+        sigma_B = sqrt(sigma2_B + eps),  sigma = sqrt(running_var + eps)
+        r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -dmax, dmax))
+
+    with mu = ``running_mean``, the moving statistics *before* this batch's
+    update. The moving variance is BN's (the unbiased estimate of Algorithm 2,
+    step 10, averaged with PyTorch's momentum) where the paper averages
+    sigma itself; so on a stationary input r ~ sqrt((m - 1) / m), not 1,
+    when rmax > 1 (a 1/(2m) relative difference).
+
+    With rmax = 1 and dmax = 0 this gives r = 1 and d = 0 exactly.
+
+    Returns:
+        ``(r, d)``, each (C,) in ``mu_b``'s dtype, detached.
+    """
+    with torch.no_grad():
+        cdt = mu_b.dtype
+        rmax = torch.as_tensor(rmax, dtype=cdt, device=mu_b.device)
+        dmax = torch.as_tensor(dmax, dtype=cdt, device=mu_b.device)
+        inv_sigma = torch.rsqrt(running_var.to(cdt) + eps)
+        r = torch.sqrt(biased_var_b + eps) * inv_sigma
+        r = torch.clamp(r, 1 / rmax, rmax)
+        d = torch.clamp((mu_b - running_mean.to(cdt)) * inv_sigma, -dmax, dmax)
+    return r.detach(), d.detach()
+
+
+def batch_renorm_affine(
+    weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Batch Renorm as BN with a per-channel scale and shift:
+
+        y = gamma * (xhat_B * r + d) + beta = (gamma * r) * xhat_B + (beta + gamma * d)
+
+    with xhat_B = (x - mu_B) / sigma_B, the BN-normalized value. With r = 1
+    and d = 0 these are gamma and beta exactly.
+
+    Returns:
+        ``(scale, shift)``: gamma * r and beta + gamma * d, (C,) in ``r``'s dtype.
+    """
+    cdt = r.dtype
+    scale = r if weight is None else weight.to(cdt) * r
+    shift = d if weight is None else weight.to(cdt) * d
+    if bias is not None:
+        shift = bias.to(cdt) + shift
+    return scale, shift
+
+
+def batch_renorm_train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    rmax: float | Tensor,
+    dmax: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode forward of Batch Renorm (Ioffe 2017, Algorithm 1 of that paper).
+
+        xhat = (x - mu_B) / sigma_B * r + d ;  y = gamma * xhat + beta
+
+    computed as BN's forward (:func:`batch_norm_train_forward`) with the scale
+    gamma * r and shift beta + gamma * d of :func:`batch_renorm_affine`; r
+    and d from :func:`batch_renorm_correction`. The running statistics are
+    read, not updated (the caller updates them afterwards, as in BN).
+
+    Returns:
+        ``(y, mu_b, biased_var_b, r, d)``; ``y`` has ``x``'s dtype, the rest
+        ``compute_dtype(x.dtype)``.
+    """
+    x_mu, mu_b, biased_var_b = center(x)
+    inv_std = torch.rsqrt(biased_var_b + eps)
+    r, d = batch_renorm_correction(mu_b, biased_var_b, running_mean, running_var, eps, rmax, dmax)
+    scale, shift = batch_renorm_affine(weight, bias, r, d)
+    y = _scale_shift_(x_mu, inv_std, scale, shift)  # reuses the x - mu_B buffer
+    return y.to(x.dtype), mu_b, biased_var_b, r, d
+
+
+def batch_renorm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    r: Tensor,
+    d: Tensor,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Batch Renorm with respect to x, gamma and beta.
+
+    r and d are constants (stop_gradient), so y = (gamma r) xhat_B + (beta + gamma d)
+    is BN with the effective scale gamma' = gamma r and shift beta' = beta + gamma d,
+    and the chain rule through gamma' and beta' gives
+
+        dl/dx     = BN's dl/dx with gamma' = gamma * r  (:func:`batch_norm_backward`)
+        dl/dgamma = sum_i dl/dy_i (r xhat_B,i + d) = r * dl/dgamma' + d * dl/dbeta'
+        dl/dbeta  = sum_i dl/dy_i                  = dl/dbeta'
+
+    where dl/dgamma' = sum_i dl/dy_i xhat_B,i is BN's weight gradient (it does
+    not depend on gamma'). With r = 1, d = 0 these are BN's gradients exactly.
+
+    Args:
+        grad_y: dl/dy, shape of ``x``.
+        x: the forward input.
+        weight: gamma, or None for gamma = 1.
+        mu_b, inv_std: the batch mean and 1/sqrt(sigma2_B + eps).
+        r, d: the forward's corrections, (C,).
+        needs_input_grad: which of (x, weight, bias) gradients to return.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias)``; entries not needed are None.
+    """
+    need_x, need_w, need_b = needs_input_grad
+    need_w = need_w and weight is not None
+    scale = r if weight is None else weight.to(r.dtype) * r
+    grad_x, grad_scale, grad_shift = batch_norm_backward(
+        grad_y, x, scale, mu_b, inv_std, (need_x, need_w, need_b or need_w)
+    )
+    grad_w = grad_b = None
+    if need_w:
+        grad_w = (r * grad_scale + d * grad_shift).to(weight.dtype)
+    if need_b:
+        grad_b = grad_shift.to(weight.dtype if weight is not None else grad_y.dtype)
+    return grad_x, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------
+# Ghost batch normalization (Hoffer et al. 2017; PAPER.md Section 10)
+# --------------------------------------------------------------------------
+
+
+def virtual_batches(x: Tensor, virtual_batch_size: int) -> tuple[Tensor, ...]:
+    """Split a mini-batch along dim 0 into ghost ("virtual") batches.
+
+    Consecutive samples form a ghost batch of ``virtual_batch_size``; when
+    that does not divide N, the last ghost batch holds the remaining
+    N mod ``virtual_batch_size`` samples and is normalized with its own
+    statistics like the others. Every ghost batch keeps ``x``'s memory
+    format (they are views of ``x``).
+
+    Raises:
+        ValueError: the last ghost batch would have a single value per channel
+            (e.g. one sample of a 2-D (N, C) input), whose batch statistics
+            are undefined.
+    """
+    batches = x.split(virtual_batch_size, 0)
+    if len(batches) > 1 and num_values_per_channel(batches[-1]) == 1:
+        raise ValueError(
+            f"ghost batch normalization: a mini-batch of {x.shape[0]} samples in virtual "
+            f"batches of {virtual_batch_size} leaves a last virtual batch of 1 sample with a "
+            f"single value per channel (input shape {tuple(x.shape)}), and batch statistics of "
+            f"one value are undefined. Use a batch size N with N % {virtual_batch_size} != 1 "
+            "(e.g. DataLoader(drop_last=True)) or another virtual_batch_size"
+        )
+    return batches

@@ -11,6 +11,10 @@ and is re-exported here, so ``bnlab.functional.compute_batch_stats`` and the
 others keep working. Dependencies run one way:
 ``functional -> autograd -> core``; see :mod:`bnlab.core` for the
 conventions (channel dim 1, PyTorch's momentum) and the numerics.
+
+:func:`batch_renorm` is Batch Renormalization (Ioffe 2017, PAPER.md Section 10)
+with its explicit-backward :class:`BatchRenormTrainFunction` (kept here, beside
+its one entry point); its math is in :mod:`bnlab.core` too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from bnlab.autograd import batch_norm_train
 from bnlab.core import (
     batch_norm_backward,
     batch_norm_train_forward,
+    batch_renorm_affine,
+    batch_renorm_backward,
+    batch_renorm_correction,
+    batch_renorm_limits,
+    batch_renorm_train_forward,
     center,
     channel_view,
     check_batch_norm_input,
@@ -37,13 +46,22 @@ from bnlab.core import (
     reduce_grad_sums,
     unbiased_var,
     update_running_stats,
+    virtual_batches,
 )
 
 __all__ = [
+    "BatchRenormTrainFunction",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_tracked",
     "batch_norm_train_forward",
+    "batch_renorm",
+    "batch_renorm_affine",
+    "batch_renorm_backward",
+    "batch_renorm_correction",
+    "batch_renorm_limits",
+    "batch_renorm_train",
+    "batch_renorm_train_forward",
     "center",
     "channel_view",
     "check_batch_norm_input",
@@ -59,6 +77,7 @@ __all__ = [
     "reduce_grad_sums",
     "unbiased_var",
     "update_running_stats",
+    "virtual_batches",
 ]
 
 
@@ -140,18 +159,7 @@ def batch_norm_tracked(
         None in eval mode or without running statistics.
     """
     check_batch_norm_input(input, training, eps)
-    channels = input.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is not None and t.numel() != channels:
-            raise ValueError(
-                f"{name} has {t.numel()} elements but the input has {channels} channels "
-                f"(dim 1 of shape {tuple(input.shape)}); they must match"
-            )
+    _check_channel_sizes(input, running_mean, running_var, weight, bias)
     if training:
         y, mu_b, biased_var_b = batch_norm_train(input, weight, bias, eps)
         if running_mean is None and running_var is None:
@@ -176,3 +184,165 @@ def batch_norm_tracked(
     cdt = compute_dtype(input.dtype)
     inv_std = torch.rsqrt(running_var.to(cdt) + eps)
     return normalize(input, running_mean.to(cdt), inv_std, weight, bias), None
+
+
+def _check_channel_sizes(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> None:
+    """Refuse per-channel tensors whose size is not the input's channel count."""
+    channels = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None and t.numel() != channels:
+            raise ValueError(
+                f"{name} has {t.numel()} elements but the input has {channels} channels "
+                f"(dim 1 of shape {tuple(input.shape)}); they must match"
+            )
+
+
+# --------------------------------------------------------------------------
+# Batch Renormalization (Ioffe 2017; PAPER.md Section 10)
+# --------------------------------------------------------------------------
+
+
+class BatchRenormTrainFunction(torch.autograd.Function):
+    """Training-mode Batch Renorm with the closed-form backward of
+    :func:`bnlab.core.batch_renorm_backward` (BN's backward with gamma * r).
+
+    Outputs ``(y, mu_b, biased_var_b, r, d)``; only ``y`` is differentiable:
+    the statistics feed the running averages, and r and d are
+    stop_gradient by definition. The running statistics are inputs (read for
+    r and d), never saved, so updating them in place after the forward is safe.
+
+    Double backward is supported as in :class:`bnlab.autograd.BatchNormTrainFunction`:
+    a recorded backward re-derives mu_B and sigma_B from ``x`` (r and d stay
+    constants). ``torch.func`` transforms (vmap, jvp) are not supported.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+        rmax: float | Tensor,
+        dmax: float | Tensor,
+    ):
+        y, mu_b, biased_var_b, r, d = batch_renorm_train_forward(
+            x, weight, bias, running_mean, running_var, eps, rmax, dmax
+        )
+        ctx.save_for_backward(x, weight, mu_b, torch.rsqrt(biased_var_b + eps), r, d)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mu_b, biased_var_b, r, d)
+        return y, mu_b, biased_var_b, r, d
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *_grad_stats: Tensor):
+        x, weight, mu_b, inv_std, r, d = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # Double backward: the batch statistics as functions of x (r, d stay constant).
+            mu_b, biased_var_b = compute_batch_stats(x)
+            inv_std = torch.rsqrt(biased_var_b + ctx.eps)
+        grad_x, grad_w, grad_b = batch_renorm_backward(
+            grad_y, x, weight, mu_b, inv_std, r, d, tuple(ctx.needs_input_grad[:3])
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def batch_renorm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    rmax: float | Tensor,
+    dmax: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode Batch Renorm of ``x`` with the explicit backward; no state changes.
+
+    Returns:
+        ``(y, mu_b, biased_var_b, r, d)`` (see :func:`bnlab.core.batch_renorm_train_forward`).
+    """
+    return BatchRenormTrainFunction.apply(
+        x, weight, bias, running_mean, running_var, eps, rmax, dmax
+    )
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    rmax: float | Tensor = 3.0,
+    dmax: float | Tensor = 5.0,
+) -> Tensor:
+    """Batch Renormalization (Ioffe 2017; PAPER.md Section 10), functional form.
+
+    In training mode:
+
+        r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -dmax, dmax))
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    with sigma_B = sqrt(sigma2_B + eps) and mu, sigma = sqrt(running_var + eps)
+    the moving statistics before this batch; then ``running_mean`` and
+    ``running_var`` are updated in place as in :func:`batch_norm` (PyTorch's
+    momentum convention, ``new = (1 - momentum) * old + momentum * batch``,
+    unbiased variance). In eval mode it is :func:`batch_norm`'s eval mode.
+    With rmax = 1 and dmax = 0 it is :func:`batch_norm`.
+
+    ``rmax`` and ``dmax`` are fixed here; the modules
+    (:class:`bnlab.nn.BatchRenorm2d` ...) follow the paper's warm-up schedule
+    (:func:`bnlab.core.batch_renorm_limits`).
+
+    Args:
+        input: (N, C, *) floating-point tensor.
+        running_mean, running_var: (C,) moving statistics; required (they
+            enter r and d in training).
+        weight, bias: gamma and beta, (C,) or None.
+        training: renormalize with batch statistics and update the moving ones.
+        momentum: factor of the running-statistics update (PyTorch's convention).
+        eps: added to both variances; > 0 in training.
+        rmax, dmax: the clipping limits (rmax >= 1, dmax >= 0), numbers or 0-dim tensors.
+
+    Raises:
+        TypeError, ValueError: as :func:`batch_norm`; missing running
+            statistics; rmax < 1 or dmax < 0.
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_renorm needs running_mean and running_var (r and d compare the batch "
+            "statistics with them); pass the moving statistics, e.g. torch.zeros(C) and "
+            "torch.ones(C) to start"
+        )
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if not isinstance(rmax, Tensor) and not rmax >= 1:
+        raise ValueError(f"batch_renorm rmax must be >= 1 (1 disables r), got {rmax!r}")
+    if not isinstance(dmax, Tensor) and not dmax >= 0:
+        raise ValueError(f"batch_renorm dmax must be >= 0 (0 disables d), got {dmax!r}")
+    check_batch_norm_input(input, True, eps)
+    _check_channel_sizes(input, running_mean, running_var, weight, bias)
+    y, mu_b, biased_var_b, _, _ = batch_renorm_train(
+        input, weight, bias, running_mean, running_var, eps, rmax, dmax
+    )
+    update_running_stats(
+        running_mean, running_var, mu_b, biased_var_b, num_values_per_channel(input), momentum
+    )
+    return y

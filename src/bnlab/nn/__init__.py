@@ -1,4 +1,5 @@
-"""Thin modules over :mod:`bnlab.functional`: drop-in BN layers, SyncBatchNorm, converters."""
+"""Thin modules over :mod:`bnlab.functional`: drop-in BN layers, SyncBatchNorm, Batch
+Renorm, ghost batch normalization, converters."""
 
 from bnlab.nn.batchnorm import (
     FUSER_METHOD_MAPPING,
@@ -7,7 +8,14 @@ from bnlab.nn.batchnorm import (
     BatchNorm3d,
     BatchNormShapeError,
 )
-from bnlab.nn.convert import replace_batchnorm, revert_batchnorm
+from bnlab.nn.convert import (
+    convert_to_batch_renorm,
+    convert_to_ghost_batchnorm,
+    replace_batchnorm,
+    revert_batchnorm,
+)
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
@@ -16,8 +24,16 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormShapeError",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "convert_to_batch_renorm",
+    "convert_to_ghost_batchnorm",
     "replace_batchnorm",
     "revert_batchnorm",
     "revert_sync_batchnorm",

@@ -1,4 +1,5 @@
-"""Swap PyTorch's BN modules for bnlab's and back, keeping all state."""
+"""Swap PyTorch's BN modules for bnlab's and back, keeping all state; convert BN
+to Batch Renorm or ghost batch normalization."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import torch
 from torch import nn
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["map_modules", "replace_batchnorm", "revert_batchnorm", "swap_module_class"]
+__all__ = [
+    "convert_to_batch_renorm",
+    "convert_to_ghost_batchnorm",
+    "map_modules",
+    "replace_batchnorm",
+    "revert_batchnorm",
+    "swap_module_class",
+]
 
 _TO_BNLAB: dict[type, type] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -90,3 +100,100 @@ def replace_batchnorm(module: nn.Module) -> nn.Module:
 def revert_batchnorm(module: nn.Module) -> nn.Module:
     """The reverse of :func:`replace_batchnorm`: bnlab BN modules become PyTorch's."""
     return _convert(module, _TO_TORCH)
+
+
+# Exact types: subclasses (Batch Renorm, ghost BN, SyncBatchNorm) are not plain BN.
+_TO_RENORM: dict[type, type] = {
+    nn.BatchNorm1d: BatchRenorm1d,
+    nn.BatchNorm2d: BatchRenorm2d,
+    nn.BatchNorm3d: BatchRenorm3d,
+    BatchNorm1d: BatchRenorm1d,
+    BatchNorm2d: BatchRenorm2d,
+    BatchNorm3d: BatchRenorm3d,
+}
+_TO_GHOST: dict[type, type] = {
+    nn.BatchNorm1d: GhostBatchNorm1d,
+    nn.BatchNorm2d: GhostBatchNorm2d,
+    nn.BatchNorm3d: GhostBatchNorm3d,
+    BatchNorm1d: GhostBatchNorm1d,
+    BatchNorm2d: GhostBatchNorm2d,
+    BatchNorm3d: GhostBatchNorm3d,
+}
+
+
+def _refuse_sync(m: nn.Module, target: str) -> None:
+    if isinstance(m, nn.SyncBatchNorm):
+        raise TypeError(
+            f"cannot convert {type(m).__name__} to {target}: synchronized statistics are not "
+            f"implemented for it. Convert the model to {target} before (instead of) "
+            "convert_sync_batchnorm, or revert_sync_batchnorm first"
+        )
+
+
+def convert_to_batch_renorm(module: nn.Module, **schedule) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d (torch's or bnlab's) in ``module`` by Batch Renorm.
+
+    Parameters, running statistics and ``num_batches_tracked`` are shared with
+    the replaced layer (not copied, as :func:`replace_batchnorm` does), and
+    train/eval mode is kept. The warm-up schedule continues from the layer's
+    ``num_batches_tracked``: a freshly built model starts in the warm-up, a
+    trained one (whose moving statistics are already good) past it. To start
+    the warm-up anew, zero each new layer's ``num_batches_tracked``.
+    Children are replaced in place; the (possibly new) root is returned.
+
+    Args:
+        module: the model.
+        **schedule: keyword arguments of the Batch Renorm modules: ``rmax``,
+            ``dmax``, ``warmup_steps``, ``rmax_steps``, ``dmax_steps``.
+
+    Raises:
+        ValueError: a BN layer with ``track_running_stats=False`` (Batch
+            Renorm needs moving statistics), or an invalid schedule.
+        TypeError: a SyncBatchNorm (not supported), or an unknown keyword.
+
+    Example:
+        >>> model = convert_to_batch_renorm(model, warmup_steps=1000, rmax_steps=8000)
+    """
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        _refuse_sync(m, "Batch Renorm")
+        cls = _TO_RENORM.get(type(m))
+        if cls is None:
+            return None
+        if not m.track_running_stats:
+            raise ValueError(
+                f"cannot convert {m!r} to Batch Renorm: it has track_running_stats=False, and "
+                "Batch Renorm needs moving statistics (r and d compare the batch statistics "
+                "with them). Build the layer with track_running_stats=True"
+            )
+        return swap_module_class(m, cls, **schedule)
+
+    return map_modules(module, swap)
+
+
+def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d (torch's or bnlab's) in ``module`` by ghost BN.
+
+    Parameters, running statistics and ``num_batches_tracked`` are shared with
+    the replaced layer, train/eval mode is kept; eval outputs are unchanged.
+    Children are replaced in place; the (possibly new) root is returned.
+
+    Args:
+        module: the model.
+        virtual_batch_size: samples per ghost batch (see :class:`bnlab.nn.GhostBatchNorm2d`).
+
+    Raises:
+        ValueError: an invalid ``virtual_batch_size``.
+        TypeError: a SyncBatchNorm (not supported).
+    """
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        _refuse_sync(m, "ghost batch normalization")
+        cls = _TO_GHOST.get(type(m))
+        return (
+            None
+            if cls is None
+            else swap_module_class(m, cls, virtual_batch_size=virtual_batch_size)
+        )
+
+    return map_modules(module, swap)
