@@ -30,6 +30,8 @@ def runs(tmp_path_factory):
     }
     for name, args in extra.items():
         assert main(["reproduce", name, *TINY, *args, "--out", str(root / name)]) == 0
+    sizes = ["--batch-sizes", "8,2", "--examples", "64", "--evals", "2", "--seeds", "2"]
+    assert main(["reproduce", "batch-size", *sizes, "--quiet", "--out", str(root / "bs")]) == 0
     return root
 
 
@@ -148,3 +150,45 @@ def test_claims_table_files_every_verdict_under_its_claim(runs, tmp_path, capsys
     assert any("Santurkar" in r["title"] for r in result["other"])
     assert main(["claims", str(tmp_path), "--out", str(tmp_path / "c2")]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batch_size_sweeps_every_normalization_at_fixed_examples(runs):
+    from bnlab.experiments import batch_size
+
+    s = _summary(runs / "bs")
+    assert set(s["grid"]) == set(batch_size.NORMS)
+    for by_size in s["grid"].values():
+        assert by_size["8"]["steps"] == 8 and by_size["2"]["steps"] == 32  # 64 examples each
+        assert by_size["2"]["lr"] == pytest.approx(0.01 * 2 / 60)  # linear scaling
+    assert "Batch Renorm recovers" in (runs / "bs" / "report.md").read_text()
+
+
+def test_batch_size_models_put_each_normalization_before_the_sigmoids():
+    from torch import nn
+
+    from bnlab.experiments import batch_size
+    from bnlab.nn import BatchRenorm1d, GhostBatchNorm1d
+
+    cfg = batch_size.Config(seeds=2, examples=1000)
+    expect = {
+        "brn": BatchRenorm1d,
+        "ghost": GhostBatchNorm1d,
+        "ln": nn.GroupNorm,
+        "gn": nn.GroupNorm,
+    }
+    for norm, cls in expect.items():
+        model = batch_size.build_model(norm, 8, cfg)
+        layers = list(model)
+        norms = [i for i, m in enumerate(layers) if isinstance(m, cls)]
+        assert len(norms) == 3
+        for i in norms:
+            assert isinstance(layers[i + 1], nn.Sigmoid) and layers[i - 1].bias is None
+    groups = [
+        m.num_groups for m in batch_size.build_model("ln", 8, cfg) if isinstance(m, nn.GroupNorm)
+    ]
+    assert groups == [2, 2, 2]  # LayerNorm = one group per seed copy
+    ghost = next(
+        m for m in batch_size.build_model("ghost", 8, cfg) if isinstance(m, GhostBatchNorm1d)
+    )
+    assert ghost.virtual_batch_size == cfg.ghost_batch

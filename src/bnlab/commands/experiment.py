@@ -28,9 +28,18 @@ EXPERIMENTS = {
         "bnlab.experiments.shift",
         "Internal covariate shift measured: probes of shift, gradient ICS and smoothness",
     ),
+    "batch-size": (
+        "bnlab.experiments.batch_size",
+        "BN as the mini-batch shrinks (256 to 2), beside Batch Renorm, ghost BN, LayerNorm "
+        "and GroupNorm",
+    ),
     "dropout": (
         "bnlab.experiments.dropout",
         "Section 3.4: BN with and without dropout against the baseline with and without it",
+    ),
+    "batch-noise": (
+        "bnlab.experiments.batch_noise",
+        "BN's batch-statistics noise against the sampling formulas and the shift it removes",
     ),
 }
 

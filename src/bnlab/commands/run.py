@@ -75,7 +75,7 @@ def run_from_cli(
         interrupted (130 for Ctrl-C, 143 for SIGTERM).
     """
     experiment = module.rsplit(".", 1)[-1]
-    name = f"bnlab reproduce {experiment}"
+    name = f"bnlab reproduce {getattr(args, 'command_name', experiment)}"
     if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(
             f"{name}: error: under torchrun pass --out DIR, so that every process writes "
@@ -92,7 +92,7 @@ def run_from_cli(
         started = True
         log(*a, **k)
 
-    resume = resume_command(getattr(args, "argv", None) or ["reproduce", experiment], out)
+    resume = resume_command(getattr(args, "argv", None) or name.split()[1:], out)
     try:
         summary = run_experiment(
             module,

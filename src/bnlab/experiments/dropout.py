@@ -14,7 +14,6 @@ measure the plateau, not regularization.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import accuracy, load_arrays, mlp_job
+from bnlab.experiments.mnist import (
+    accuracy,
+    check_data,
+    load_arrays,
+    mlp_job,
+    parse_init,
+    validate_common,
+)
 from bnlab.insert import insert_batchnorm
 from bnlab.models import mnist_mlp
 from bnlab.train.loop import TrainJob
 
-__all__ = ["ARMS", "Config", "PRESETS"]
+__all__ = ["ARMS", "Config", "check_data", "PRESETS"]
 
 ARMS = ("none", "none+dropout", "bn", "bn+dropout")
 
@@ -82,37 +87,15 @@ HELP = {
 PRESETS = {"quick": {"steps": 300, "eval_every": 100}, "default": {}}
 
 
-def _init(cfg: Config):
-    return "glorot" if cfg.init == "glorot" else float(cfg.init)
-
-
 def validate(cfg: Config) -> None:
     """Reject invalid options up front with one clear message (ValueError)."""
-    try:
-        init = _init(cfg)
-    except ValueError:
-        raise ValueError(f"--init must be 'glorot' or a number, got {cfg.init!r}") from None
-    checks = [
-        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (cfg.seeds >= 1, f"--seeds must be at least 1, got {cfg.seeds}"),
-        (0 < cfg.dropout < 1, f"--dropout must be in (0, 1), got {cfg.dropout}"),
-        (init == "glorot" or (math.isfinite(init) and init > 0), "--init must be positive"),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be positive and finite, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.batch_size >= 2, f"--batch-size must be at least 2 for BN, got {cfg.batch_size}"),
-        (cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
-        (cfg.train_eval_examples >= 1, "--train-eval-examples must be at least 1"),
-        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-        (cfg.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {cfg.device!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_data(cfg: Config) -> None:
-    if cfg.data is not None:
-        load_mnist_dir(cfg.data)
+    validate_common(
+        cfg,
+        [
+            (0 < cfg.dropout < 1, f"--dropout must be in (0, 1), got {cfg.dropout}"),
+            (cfg.train_eval_examples >= 1, "--train-eval-examples must be at least 1"),
+        ],
+    )
 
 
 def arms(cfg: Config) -> tuple[str, ...]:
@@ -137,7 +120,7 @@ def summary_lines(summary: dict) -> list[str]:
 def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     arrays = load_arrays(cfg.data, cfg.batch_size, cfg.seeds, cfg.device, info)
     p = cfg.dropout if arm.endswith("+dropout") else 0.0
-    model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=_init(cfg), dropout=p)
+    model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=parse_init(cfg.init), dropout=p)
     if arm.startswith("bn"):
         with warnings.catch_warnings():  # its "model has Dropout" advice: here on purpose
             warnings.simplefilter("ignore", UserWarning)

@@ -28,14 +28,20 @@ from pathlib import Path
 
 from torch import nn
 
-from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import accuracy, load_arrays, mlp_job
+from bnlab.experiments.mnist import (
+    accuracy,
+    check_data,
+    load_arrays,
+    mlp_job,
+    parse_init,
+    validate_common,
+)
 from bnlab.insert import insert_batchnorm
 from bnlab.models import mnist_mlp
 from bnlab.train.loop import TrainJob
 
-__all__ = ["Config", "PRESETS", "cell_name", "parse_cell"]
+__all__ = ["Config", "check_data", "PRESETS", "cell_name", "parse_cell"]
 
 NORMS = ("none", "bn")
 
@@ -118,30 +124,20 @@ def validate(cfg: Config) -> None:
     if not cfg.lrs or not all(isinstance(v, int | float) and math.isfinite(v) and v > 0
                               for v in cfg.lrs):  # fmt: skip
         raise ValueError(f"--lrs must be positive finite numbers, got {cfg.lrs}")
-    for s in cfg.inits:
-        if s != "glorot" and not (isinstance(s, int | float) and math.isfinite(s) and s > 0):
-            raise ValueError(f"--inits takes positive numbers or 'glorot', got {s!r}")
     if not cfg.inits:
         raise ValueError("--inits must name at least one initialization")
-    checks = [
-        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (cfg.seeds >= 1, f"--seeds must be at least 1, got {cfg.seeds}"),
-        (cfg.batch_size >= 2, f"--batch-size must be at least 2 for BN, got {cfg.batch_size}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
-        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-        (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
-        (cfg.divergence_loss > math.log(10), "--divergence-loss must exceed chance (2.3)"),
-        (cfg.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {cfg.device!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_data(cfg: Config) -> None:
-    if cfg.data is not None:
-        load_mnist_dir(cfg.data)
+    for s in cfg.inits:
+        try:
+            parse_init(s)
+        except ValueError:
+            raise ValueError(f"--inits takes positive numbers or 'glorot', got {s!r}") from None
+    validate_common(
+        cfg,
+        [
+            (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
+            (cfg.divergence_loss > math.log(10), "--divergence-loss must exceed chance (2.3)"),
+        ],
+    )
 
 
 def arms(cfg: Config) -> list[str]:

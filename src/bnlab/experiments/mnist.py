@@ -14,12 +14,69 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from bnlab.data import load_mnist
+from bnlab.data import load_mnist, load_mnist_dir
 from bnlab.distributed import DistInfo
 from bnlab.train.loop import TrainJob, evaluation, make_sgd
 from bnlab.train.schedule import BatchSchedule
 
-__all__ = ["MNISTArrays", "accuracy", "load_arrays", "mlp_job"]
+__all__ = [
+    "MNISTArrays",
+    "accuracy",
+    "check_data",
+    "load_arrays",
+    "mlp_job",
+    "parse_init",
+    "validate_common",
+]
+
+
+def parse_init(init: str | float) -> float | str:
+    """An ``--init`` value: ``"glorot"``, or the std s of N(0, s^2) as a positive number.
+
+    Raises:
+        ValueError: anything else, with the accepted forms.
+    """
+    if init == "glorot":
+        return "glorot"
+    try:
+        std = float(init)
+    except ValueError:
+        raise ValueError(f"--init must be 'glorot' or a number, got {init!r}") from None
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"--init must be a positive finite std or 'glorot', got {init!r}")
+    return std
+
+
+# Options several experiments share -> (holds, message); each applies where the config has it.
+_COMMON = {
+    "steps": (lambda v: v >= 1, "--steps must be at least 1, got {}"),
+    "seeds": (lambda v: v >= 1, "--seeds must be at least 1, got {}"),
+    "batch_size": (lambda v: v >= 2, "--batch-size must be at least 2 for BN, got {}"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "--lr must be positive and finite, got {}"),
+    "momentum": (lambda v: 0 <= v < 1, "--momentum must be in [0, 1), got {}"),
+    "eval_every": (lambda v: v >= 1, "--eval-every must be at least 1, got {}"),
+    "checkpoint_every": (lambda v: v >= 1, "--checkpoint-every must be at least 1, got {}"),
+    "device": (lambda v: v in ("cpu", "cuda"), "--device must be cpu or cuda, got {!r}"),
+}
+
+
+def validate_common(cfg, extra: list[tuple[bool, str]] = ()) -> None:
+    """Check the shared options ``cfg`` has (and ``init``), then ``extra``; raise the first
+    failure as a ValueError with its message."""
+    if hasattr(cfg, "init"):
+        parse_init(cfg.init)
+    for name, (holds, message) in _COMMON.items():
+        if hasattr(cfg, name) and not holds(getattr(cfg, name)):
+            raise ValueError(message.format(getattr(cfg, name)))
+    for ok, message in extra:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(cfg) -> None:
+    """Fail fast, before any output, on missing or corrupt MNIST files in ``cfg.data``."""
+    if cfg.data is not None:
+        load_mnist_dir(cfg.data)
 
 
 @dataclass

@@ -28,7 +28,6 @@ lr-init``), and its probes would describe that plateau.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +35,20 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import probes
-from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import accuracy, load_arrays, mlp_job
+from bnlab.experiments.mnist import (
+    accuracy,
+    check_data,
+    load_arrays,
+    mlp_job,
+    parse_init,
+    validate_common,
+)
 from bnlab.insert import insert_batchnorm
 from bnlab.models import mnist_mlp
 from bnlab.train.loop import TrainJob
 
-__all__ = ["ARMS", "Config", "NoisyShift", "PRESETS", "add_noise_after_bn"]
+__all__ = ["ARMS", "Config", "check_data", "NoisyShift", "PRESETS", "add_noise_after_bn"]
 
 ARMS = ("none", "bn", "noisy-bn")
 
@@ -132,36 +137,9 @@ def add_noise_after_bn(model: nn.Sequential, copies: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _init(cfg: Config):
-    return "glorot" if cfg.init == "glorot" else float(cfg.init)
-
-
 def validate(cfg: Config) -> None:
     """Reject invalid options up front with one clear message (ValueError)."""
-    try:
-        init = _init(cfg)
-    except ValueError:
-        raise ValueError(f"--init must be 'glorot' or a number, got {cfg.init!r}") from None
-    checks = [
-        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (cfg.seeds >= 1, f"--seeds must be at least 1, got {cfg.seeds}"),
-        (init == "glorot" or (math.isfinite(init) and init > 0), "--init must be positive"),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be positive and finite, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.batch_size >= 2, f"--batch-size must be at least 2 for BN, got {cfg.batch_size}"),
-        (cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
-        (cfg.probe_examples >= 2, "--probe-examples must be at least 2"),
-        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-        (cfg.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {cfg.device!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_data(cfg: Config) -> None:
-    if cfg.data is not None:
-        load_mnist_dir(cfg.data)
+    validate_common(cfg, [(cfg.probe_examples >= 2, "--probe-examples must be at least 2")])
 
 
 def arms(cfg: Config) -> tuple[str, ...]:
@@ -181,7 +159,7 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def build_arm_model(arm: str, cfg: Config) -> nn.Module:
-    model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=_init(cfg))
+    model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=parse_init(cfg.init))
     if arm != "none":
         model = insert_batchnorm(model)
     if arm == "noisy-bn":

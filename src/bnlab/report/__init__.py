@@ -26,6 +26,8 @@ EXPERIMENTS = {
     "lr_init": "bnlab.report.lr_init",
     "dropout": "bnlab.report.dropout",
     "shift": "bnlab.report.shift",
+    "batch_size": "bnlab.report.batch_size",
+    "batch_noise": "bnlab.report.batch_noise",
 }
 
 

@@ -114,7 +114,11 @@ def _verdicts(summary: dict) -> list[tuple[str, str]]:
                 gain_bn["mean"] < gain_none["mean"],
                 f"dropout changes test accuracy by {_pp(gain_bn)} with BN and by "
                 f"{_pp(gain_none)} without",
-            ),
+            )
+            if gain_none["mean"] > 0
+            else "not measurable: dropout does not help even without BN here (it changes "
+            f"test accuracy by {_pp(gain_none)} without BN, {_pp(gain_bn)} with); try another "
+            "--dropout or more --steps",
         ),
         (
             "BN without dropout is at least as accurate as the baseline with dropout",

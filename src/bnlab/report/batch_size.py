@@ -1,0 +1,244 @@
+"""Report of ``bnlab reproduce batch-size``: final accuracy against mini-batch size.
+
+Built from the run's records alone. Every run saw the same number of training
+examples; its level is the test accuracy at its last evaluation (mean ± std over
+seeds). A diverged seed counts with the accuracy its broken network has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.report import ReportError, read_run
+from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report.stats import diverged_copies, eval_curves, fmt_diverged, mean_std_ci, verdict
+from bnlab.train.io import write_json
+
+__all__ = ["FILES", "build_report", "summarize"]
+
+FILES = ["summary.json", "batch_size.png", "report.md", "report.html"]
+LABELS = {
+    "none": "no normalization",
+    "bn": "Batch Norm",
+    "brn": "Batch Renorm",
+    "ghost": "ghost BN",
+    "ln": "LayerNorm (GroupNorm, 1 group)",
+    "gn": "GroupNorm (10 groups)",
+}
+COLORS = {
+    "none": "#7f7f7f",
+    "bn": "#d62728",
+    "brn": "#ff7f0e",
+    "ghost": "#9467bd",
+    "ln": "#2ca02c",
+    "gn": "#1f77b4",
+}
+PAPER_NOTES = [
+    "The paper trains with mini-batches of 60 (MNIST) and 32 (Inception) and does not "
+    "study the batch size; its review (PAPER.md Section 9) notes that small batches make "
+    "the statistics unreliable.",
+    "Batch Renormalization (Ioffe 2017) was designed for small or non-i.i.d. batches; "
+    "CS231n's exercises show BN degrading at batch sizes of 5-10 while LayerNorm does not.",
+]
+
+
+def _pct(d: dict | None) -> str:
+    return "—" if d is None else f"{100 * d['mean']:.2f}% ± {100 * d['std']:.2f}"
+
+
+def summarize(records: list[dict], config: dict) -> dict:
+    """Per normalization and batch size: final test accuracy; then the verdicts' inputs."""
+    settings = {(r["norm"], r["batch_size"]): r for r in records if r.get("kind") == "settings"}
+    grid: dict = {}
+    for norm in config["norms"]:
+        grid[norm] = {}
+        for b in sorted(config["batch_sizes"]):
+            s = settings.get((norm, b))
+            if s is None:
+                raise ReportError(f"no records of {norm} at batch {b}; resume the run")
+            try:
+                c = eval_curves(records, s["arm"], ["test_acc"])
+            except ValueError as e:
+                raise ReportError(f"{e}; the run is incomplete (resume it)") from e
+            grid[norm][str(b)] = {
+                "final_test_acc": mean_std_ci(list(np.nan_to_num(c["test_acc"][-1]))),
+                "steps": s["steps"],
+                "lr": s["lr"],
+                "diverged": fmt_diverged(diverged_copies(records, s["arm"])),
+            }
+    lines = {
+        norm: ", ".join(f"b{b}: {_pct(v['final_test_acc'])}" for b, v in runs.items())
+        for norm, runs in grid.items()
+    }
+    return {"grid": grid, "lines": lines}
+
+
+def _figure(summary: dict, config: dict, path: Path) -> None:
+    fig, ax = subplots(figsize=(8, 5), constrained_layout=True)
+    sizes = sorted(config["batch_sizes"])
+    for norm, runs in summary["grid"].items():
+        acc = [runs[str(b)]["final_test_acc"] for b in sizes]
+        mean = [100 * a["mean"] for a in acc]
+        lo = [100 * min(a["values"]) for a in acc]
+        hi = [100 * max(a["values"]) for a in acc]
+        ax.plot(sizes, mean, "o-", color=COLORS.get(norm), label=LABELS.get(norm, norm))
+        ax.fill_between(sizes, lo, hi, color=COLORS.get(norm), alpha=0.15, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.invert_xaxis()  # the batch shrinks from left to right
+    ax.set_xlabel("mini-batch size (every run sees the same number of examples)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"BN as the mini-batch shrinks: MNIST network, {config['examples']:,} examples, "
+        f"{config['seeds']} seed(s); band: min-max",
+        fontsize=10,
+    )
+    save_figure(fig, path)
+
+
+def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
+    grid = summary["grid"]
+    sizes = sorted(config["batch_sizes"])
+    small, large = str(sizes[0]), str(sizes[-1])
+    rows = []
+
+    def acc(norm, b):
+        return grid[norm][b]["final_test_acc"]["mean"]
+
+    if "bn" in grid and len(sizes) > 1:
+        drop = acc("bn", large) - acc("bn", small)
+        rows.append(
+            (
+                "BN degrades as the mini-batch shrinks (review, PAPER.md Section 9)",
+                verdict(
+                    drop > 0.01,
+                    f"{_pct(grid['bn'][large]['final_test_acc'])} at batch {large}, "
+                    f"{_pct(grid['bn'][small]['final_test_acc'])} at batch {small}",
+                ),
+            )
+        )
+    if "ln" in grid and "bn" in grid:
+        rows.append(
+            (
+                "LayerNorm, which uses no batch statistics, beats BN at the smallest batch",
+                verdict(
+                    acc("ln", small) > acc("bn", small),
+                    f"at batch {small}: {_pct(grid['ln'][small]['final_test_acc'])} with "
+                    f"LayerNorm, {_pct(grid['bn'][small]['final_test_acc'])} with BN",
+                ),
+            )
+        )
+    if "brn" in grid and "bn" in grid:
+        rows.append(
+            (
+                "Batch Renorm recovers accuracy BN loses at the smallest batch (Ioffe 2017)",
+                verdict(
+                    acc("brn", small) > acc("bn", small),
+                    f"at batch {small}: {_pct(grid['brn'][small]['final_test_acc'])} with "
+                    f"Batch Renorm, {_pct(grid['bn'][small]['final_test_acc'])} with BN",
+                ),
+            )
+        )
+    if "ghost" in grid and "bn" in grid and int(large) > config["ghost_batch"]:
+        rows.append(
+            (
+                f"Ghost batches of {config['ghost_batch']} help BN at the largest batch "
+                "(Hoffer et al. 2017)",
+                verdict(
+                    acc("ghost", large) > acc("bn", large),
+                    f"at batch {large}: {_pct(grid['ghost'][large]['final_test_acc'])} "
+                    f"with ghost BN, {_pct(grid['bn'][large]['final_test_acc'])} with BN",
+                ),
+            )
+        )
+    if "none" in grid and "bn" in grid:
+        beats = [b for b in map(str, sizes) if acc("bn", b) > acc("none", b)]
+        rows.append(
+            (
+                "BN beats no normalization at every batch size",
+                verdict(
+                    len(beats) == len(sizes),
+                    f"BN higher at batch sizes {', '.join(beats) or 'none'} of "
+                    f"{', '.join(map(str, sizes))}",
+                ),
+            )
+        )
+    return rows
+
+
+def _markdown(summary: dict, config: dict, env: dict) -> str:
+    sizes = sorted(config["batch_sizes"])
+    rows = [
+        [LABELS.get(n, n)]
+        + [
+            _pct(runs[str(b)]["final_test_acc"])
+            + (f" (**diverged:** {runs[str(b)]['diverged']})" if runs[str(b)]["diverged"] else "")
+            for b in sizes
+        ]
+        for n, runs in summary["grid"].items()
+    ]
+    first = next(iter(summary["grid"].values()))
+    steps = ", ".join(f"{b}: {first[str(b)]['steps']:,} steps at lr {first[str(b)]['lr']:.3g}"
+                      for b in sizes)  # fmt: skip
+    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
+    return "\n".join(
+        [
+            "# BN as the mini-batch shrinks",
+            "",
+            *[f"- {n}" for n in PAPER_NOTES],
+            "",
+            "![accuracy against batch size](batch_size.png)",
+            "",
+            "## Verdicts",
+            "",
+            markdown_table(["claim", "our result"], _verdicts(summary, config)),
+            "",
+            "## Final test accuracy",
+            "",
+            markdown_table(["normalization", *[f"batch {b}" for b in sizes]], rows),
+            "",
+            "## What was run",
+            "",
+            f"- **Data:** {data}.",
+            "- **Network:** the Figure 1 network (784-100-100-100-10, sigmoid), the "
+            "normalization before each sigmoid with the layer's bias dropped; LayerNorm and "
+            "GroupNorm are torch's `nn.GroupNorm` over each seed copy's 100 units (1 or 10 "
+            f"groups); ghost BN takes statistics of {config['ghost_batch']}-example sub-batches; "
+            "Batch Renorm's warm-up and limits follow the paper's 5k/25k/40k-step schedule "
+            "scaled to each run's length as if it were 50k steps.",
+            f"- **Training:** {config['examples']:,} examples per run ({steps}); SGD momentum "
+            f"{config['momentum']}, lr {config['lr']} at batch 60 scaled "
+            f"{config['lr_scaling']}; {config['seeds']} seed(s) per run.",
+            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
+            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
+            " s in the last session.",
+            "",
+        ]
+    )
+
+
+def build_report(run_dir: str | Path) -> dict:
+    """(Re)build summary.json, batch_size.png, report.md and report.html from the records."""
+    run_dir = Path(run_dir)
+    config, env, records = read_run(run_dir, "batch-size")
+    cfg = config["config"]
+    summary = summarize(records, cfg)
+    write_json(run_dir / "summary.json", summary)
+    _figure(summary, cfg, run_dir / "batch_size.png")
+    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: BN and the batch size")
+    return summary
+
+
+# For `bnlab claims`: the figure, and the claims its verdict rows test (none of the
+# paper's own: the paper does not vary the batch size).
+FIGURE = "batch_size.png"
+CLAIM_IDS: dict[str, str] = {}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _verdicts(summary, config)
