@@ -26,7 +26,7 @@ def runs(tmp_path_factory):
     extra = {
         "lr-init": ["--lrs", "0.01,1e30", "--inits", "0.01,glorot"],
         "dropout": [],
-        "shift": ["--probe-examples", "50"],
+        "shift": ["--probe-examples", "50", "--networks", "mlp"],
     }
     for name, args in extra.items():
         assert main(["reproduce", name, *TINY, *args, "--out", str(root / name)]) == 0
@@ -192,3 +192,26 @@ def test_batch_size_models_put_each_normalization_before_the_sigmoids():
         m for m in batch_size.build_model("ghost", 8, cfg) if isinstance(m, GhostBatchNorm1d)
     )
     assert ghost.virtual_batch_size == cfg.ghost_batch
+
+
+@pytest.mark.slow
+def test_shift_probes_the_inception_network_at_its_relus(tmp_path):
+    out = tmp_path / "run"
+    args = ["reproduce", "shift", "--networks", "inception", "--inception-steps", "10",
+            "--eval-every", "10", "--seeds", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {r["arm"] for r in evals} == {"inception-none", "inception-bn"}
+    assert {r["step"] for r in evals} == {0, 10}
+    from torch import nn
+
+    from bnlab.experiments import inception
+
+    net = inception.build_network("inception", inception.config_for("quick", seeds=1))
+    relus = {name for name, m in net.named_modules() if isinstance(m, nn.ReLU)}
+    for r in evals:
+        assert {k.split(":")[0] for k in r["shift"]} == relus  # the input of every ReLU
+        assert len(r["ics"]) > 5  # every convolution of the network
+    report = (out / "report.md").read_text()
+    assert ", Inception" in report and "ReLU inputs" in report

@@ -20,7 +20,13 @@ Probes at step t, on that step's batch, never changing the training trajectory:
 - smoothness along the gradient: loss range, gradient predictiveness and
   effective beta-smoothness for step sizes in [1/2, 4] x the learning rate.
 
-Glorot's initialization is the default: with Figure 1's N(0, 0.01^2) the
+The small Inception of Section 4.2 (``bnlab reproduce inception``'s networks
+``inception`` and ``bn-baseline``, the quick preset's size and its offline data:
+the packaged digits as 32x32 colour images) is probed the same way, with ReLU
+inputs in place of sigmoid inputs, as the arms ``inception-none`` and
+``inception-bn`` (``--networks mlp`` leaves them out).
+
+Glorot's initialization is the default for the MNIST network: with Figure 1's N(0, 0.01^2) the
 network without BN sits at chance for ~12k steps (see ``bnlab reproduce
 lr-init``), and its probes would describe that plateau.
 """
@@ -28,7 +34,7 @@ lr-init``), and its probes would describe that plateau.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 
 from bnlab import probes
 from bnlab.distributed import DistInfo
+from bnlab.experiments import inception
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
@@ -50,7 +57,8 @@ from bnlab.train.loop import TrainJob
 
 __all__ = ["ARMS", "Config", "check_data", "NoisyShift", "PRESETS", "add_noise_after_bn"]
 
-ARMS = ("none", "bn", "noisy-bn")
+ARMS = ("none", "bn", "noisy-bn")  # the MNIST network
+INCEPTION_ARMS = {"inception-none": "inception", "inception-bn": "bn-baseline"}  # arm -> network
 
 
 @dataclass
@@ -67,10 +75,14 @@ class Config:
     eval_every: int = 500
     probe_examples: int = 1_000
     checkpoint_every: int = 5_000
+    networks: list[str] = field(default_factory=lambda: ["mlp", "inception"])
+    inception_steps: int = 2_000
     device: str = "cpu"
 
     IDENTITY = (
         "data",
+        "networks",
+        "inception_steps",
         "steps",
         "seeds",
         "init",
@@ -91,11 +103,16 @@ HELP = {
     "batch_size": "mini-batch size",
     "eval_every": "steps between evaluations, each with every probe",
     "probe_examples": "training images (a fixed random subset) on which shift is measured",
+    "networks": "mlp (the Figure 1 network) and/or inception (the small Section 4.2 network)",
+    "inception_steps": "training steps of the Inception arms (quick preset's size, batch 32)",
     "checkpoint_every": "steps between checkpoints (taken at the next evaluation)",
     "device": "cpu or cuda",
 }
 
-PRESETS = {"quick": {"steps": 200, "eval_every": 100, "probe_examples": 200}, "default": {}}
+PRESETS = {
+    "quick": {"steps": 200, "eval_every": 100, "probe_examples": 200, "inception_steps": 100},
+    "default": {},
+}
 
 
 class NoisyShift(nn.Module):
@@ -139,23 +156,33 @@ def add_noise_after_bn(model: nn.Sequential, copies: int) -> nn.Sequential:
 
 def validate(cfg: Config) -> None:
     """Reject invalid options up front with one clear message (ValueError)."""
-    validate_common(cfg, [(cfg.probe_examples >= 2, "--probe-examples must be at least 2")])
+    unknown = [n for n in cfg.networks if n not in ("mlp", "inception")]
+    validate_common(
+        cfg,
+        [
+            (cfg.probe_examples >= 2, "--probe-examples must be at least 2"),
+            (bool(cfg.networks) and not unknown, f"--networks: unknown {unknown}; mlp, inception"),
+            (cfg.inception_steps >= 1, "--inception-steps must be at least 1"),
+        ],
+    )
 
 
-def arms(cfg: Config) -> tuple[str, ...]:
-    return ARMS
+def arms(cfg: Config) -> list[str]:
+    return [*(ARMS if "mlp" in cfg.networks else ()),
+            *(INCEPTION_ARMS if "inception" in cfg.networks else ())]  # fmt: skip
 
 
 def describe(cfg: Config) -> list[str]:
     return [
-        f"shift: {len(ARMS)} arms ({', '.join(ARMS)}) x {cfg.seeds} seed(s) x {cfg.steps} "
-        f"steps, probed every {cfg.eval_every} steps"
+        f"shift: {len(arms(cfg))} arms ({', '.join(arms(cfg))}) x {cfg.seeds} seed(s), "
+        f"{cfg.steps} steps (MNIST) / {cfg.inception_steps} (Inception), probed every "
+        f"{cfg.eval_every} steps"
     ]
 
 
 def summary_lines(summary: dict) -> list[str]:
     """What `bnlab reproduce shift` prints at the end."""
-    return [f"{arm:>9}: {text}" for arm, text in summary["lines"].items()]
+    return [f"{arm:>14}: {text}" for arm, text in summary["lines"].items()]
 
 
 def build_arm_model(arm: str, cfg: Config) -> nn.Module:
@@ -168,6 +195,8 @@ def build_arm_model(arm: str, cfg: Config) -> nn.Module:
 
 
 def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
+    if arm in INCEPTION_ARMS:
+        return _inception_job(arm, cfg, info, work)
     arrays = load_arrays(cfg.data, cfg.batch_size, cfg.seeds, cfg.device, info)
     model = build_arm_model(arm, cfg).to(arrays.device)
     pick = torch.randperm(len(arrays.x_train), generator=torch.Generator().manual_seed(0))
@@ -189,26 +218,55 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
         checkpoint_every=cfg.checkpoint_every,
         evaluate=evaluate,
     )
+    job.probe = _probe(job, x_probe, nn.Sigmoid)
+    return job
+
+
+def _inception_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
+    """The Section 4.2 network of ``arm`` as ``bnlab reproduce inception --preset quick``
+    trains it, probed at ReLU inputs on a fixed training batch (step 0's, augmented)."""
+    network = INCEPTION_ARMS[arm]
+    icfg = inception.config_for(
+        "quick",
+        networks=[network],
+        steps=cfg.inception_steps,
+        seeds=cfg.seeds,
+        eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every,
+        device=cfg.device,
+    )
+    job = inception.build_job(network, icfg, info, work)
+    job.name, job.finalize = arm, None  # its own records; no ensemble here
+    x_probe = job.batch(0, slice(None))[0]
+    job.probe = _probe(job, x_probe, nn.ReLU)
+    return job
+
+
+def _probe(job: TrainJob, x_probe: Tensor, nonlinearity: type[nn.Module]):
+    """The probe of every evaluation: the per-step shift of the inputs of every
+    ``nonlinearity`` module on ``x_probe``, gradient ICS and smoothness on the step's batch."""
 
     def mean_loss(out: Tensor, y: Tensor) -> Tensor:  # per copy, as the optimizer sees it
-        return job.loss(out, y) / cfg.batch_size
+        return job.loss(out, y) / job.batch_size
 
     def probe(m: nn.Module, step: int) -> dict:
         batch = job.batch(step, slice(None))
-        sigmoids = [nn.Sigmoid]
-        before = probes.activation_snapshot(m, x_probe, sigmoids, cfg.seeds, seed=2 * step)
+        lr = job.optimizer.param_groups[0]["lr"] if job.lr_at is None else job.lr_at(step)
+        layers, copies = [nonlinearity], job.copies
+        before = probes.activation_snapshot(m, x_probe, layers, copies, seed=2 * step)
         # The step t -> t+1 applied to a copy of the model and its optimizer state.
         with torch.random.fork_rng(devices=[]):
             m2, opt2 = copy.deepcopy((m, job.optimizer))
+            for group in opt2.param_groups:
+                group["lr"] = lr
             opt2.zero_grad(set_to_none=True)
             mean_loss(m2(batch[0]), batch[1]).sum().backward()
             opt2.step()
-        after = probes.activation_snapshot(m2, x_probe, sigmoids, cfg.seeds, seed=2 * step + 1)
+        after = probes.activation_snapshot(m2, x_probe, layers, copies, seed=2 * step + 1)
         return {
             "shift": probes.distribution_shift(before, after),
-            "ics": probes.gradient_ics(m, mean_loss, batch, job.optimizer, cfg.seeds),
-            "smoothness": probes.smoothness(m, mean_loss, batch, cfg.lr, copies=cfg.seeds),
+            "ics": probes.gradient_ics(m, mean_loss, batch, job.optimizer, copies),
+            "smoothness": probes.smoothness(m, mean_loss, batch, lr, copies=copies),
         }
 
-    job.probe = probe
-    return job
+    return probe

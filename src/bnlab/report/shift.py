@@ -29,15 +29,36 @@ from bnlab.train.io import write_json
 __all__ = ["FILES", "build_report", "summarize"]
 
 FILES = ["summary.json", "shift.png", "report.md", "report.html"]
-ARMS = ("none", "bn", "noisy-bn")
-LABELS = {"none": "without BN", "bn": "with BN", "noisy-bn": "BN + noise (Santurkar)"}
-COLORS = {"none": "#1f77b4", "bn": "#d62728", "noisy-bn": "#9467bd"}
+MLP_ARMS = ("none", "bn", "noisy-bn")
+INCEPTION_ARMS = ("inception-none", "inception-bn")
+LABELS = {
+    "none": "MNIST net without BN",
+    "bn": "MNIST net with BN",
+    "noisy-bn": "MNIST net, BN + noise (Santurkar)",
+    "inception-none": "Inception without BN",
+    "inception-bn": "Inception with BN",
+}
+COLORS = {
+    "none": "#1f77b4",
+    "bn": "#d62728",
+    "noisy-bn": "#9467bd",
+    "inception-none": "#17becf",
+    "inception-bn": "#ff7f0e",
+}
+
+
+def _arms(config: dict) -> list[str]:
+    networks = config.get("networks", ["mlp"])
+    return [*(MLP_ARMS if "mlp" in networks else ()),
+            *(INCEPTION_ARMS if "inception" in networks else ())]  # fmt: skip
+
+
 THRESHOLD = 0.9
 # measure -> (label, how it is read from one eval record: a value per copy)
 MEASURES = {
-    "w1": "per-step shift of sigmoid inputs: Wasserstein-1",
-    "kl": "per-step shift of sigmoid inputs: Gaussian KL",
-    "mean_drift": "per-step drift of sigmoid-input means",
+    "w1": "per-step shift of nonlinearity inputs: Wasserstein-1",
+    "kl": "per-step shift of nonlinearity inputs: Gaussian KL",
+    "mean_drift": "per-step drift of nonlinearity-input means",
     "ics_cos": "gradient ICS: cos(G, G')",
     "ics_1mcos": "gradient ICS: 1 - cos(G, G')",
     "ics_rel": "gradient ICS: ‖G − G'‖ / ‖G‖",
@@ -95,7 +116,7 @@ def _probe_curves(records: list[dict], arm: str) -> dict:
 def summarize(records: list[dict], config: dict) -> dict:
     """Per arm: accuracy, steps to 90%, and each probe's level (mean over evaluations)."""
     out: dict = {"arms": {}, "lines": {}}
-    for arm in ARMS:
+    for arm in _arms(config):
         try:
             acc = eval_curves(records, arm, ["test_acc"])
         except ValueError as e:
@@ -128,7 +149,7 @@ def summarize(records: list[dict], config: dict) -> dict:
 def _figure(records: list[dict], config: dict, path: Path) -> None:
     panels = ["acc", "w1", "kl", "ics_1mcos", "ics_rel", "beta"]
     fig, axes = subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for arm in ARMS:
+    for arm in _arms(config):
         acc = eval_curves(records, arm, ["test_acc"])
         probes = _probe_curves(records, arm)
         for ax, name in zip(axes.flat, panels):
@@ -143,7 +164,8 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
             with np.errstate(all="ignore"):
                 mean = np.nanmean(values, axis=1)
                 lo, hi = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
-            ax.plot(steps, mean, color=COLORS[arm], label=LABELS[arm])
+            ls = "--" if arm.startswith("inception") else "-"
+            ax.plot(steps, mean, ls, color=COLORS[arm], label=LABELS[arm])
             ax.fill_between(steps, lo, hi, color=COLORS[arm], alpha=0.15, linewidth=0)
     titles = {"acc": "test accuracy (%)", **MEASURES}
     for ax, name in zip(axes.flat, panels):
@@ -164,40 +186,24 @@ def _fmt(d: dict, digits: str = ".3g") -> str:
     return f"{d['mean']:{digits}} ± {d['std']:{digits}} (n={d['n']})"
 
 
-def _verdicts(summary: dict) -> list[tuple[str, str]]:
-    a = summary["arms"]
-    none, bn, noisy = a["none"], a["bn"], a["noisy-bn"]
+def _mean_steps(steps):
+    return None if any(s is None for s in steps) else float(np.mean(steps))
 
-    def mean_steps(steps):
-        return None if any(s is None for s in steps) else float(np.mean(steps))
 
-    bn_steps, noisy_steps, none_steps = (mean_steps(x["steps_to_90"]) for x in (bn, noisy, none))
-    fast = noisy_steps is not None and (none_steps is None or noisy_steps < none_steps)
-    steps_text = (
-        f"steps to 90%: {fmt_steps(noisy['steps_to_90'])} with noise, "
-        f"{fmt_steps(bn['steps_to_90'])} with BN, {fmt_steps(none['steps_to_90'])} without"
-    )
-    noisy_verdict = (
-        verdict(
-            fast and noisy["kl"]["mean"] > bn["kl"]["mean"],
-            f"shift (KL) {_fmt(noisy['kl'])} with noise vs {_fmt(bn['kl'])} with BN alone; "
-            + steps_text,
-        )
-        if bn_steps is not None
-        else f"not tested: BN itself did not reach 90% in every seed ({steps_text}); train longer"
-    )
+def _pair_rows(none: dict, bn: dict, where: str, inputs: str) -> list[tuple[str, str]]:
+    """The shift, gradient-ICS and smoothness rows comparing a network with and without BN."""
     return [
         (
-            "BN reduces the distributional shift of nonlinearity inputs (Sections 1-2)",
+            f"BN reduces the distributional shift of nonlinearity inputs (Sections 1-2){where}",
             verdict(
                 bn["kl"]["mean"] < none["kl"]["mean"],
-                f"per-step shift of the sigmoid inputs, Gaussian KL (scale-free): "
+                f"per-step shift of the {inputs}, Gaussian KL (scale-free): "
                 f"{_fmt(bn['kl'])} with BN, {_fmt(none['kl'])} without (Wasserstein-1, in the "
                 f"inputs' own units: {_fmt(bn['w1'])} with, {_fmt(none['w1'])} without)",
             ),
         ),
         (
-            "BN reduces gradient-based ICS (Santurkar et al. found it does not)",
+            f"BN reduces gradient-based ICS (Santurkar et al. found it does not){where}",
             verdict(
                 bn["ics_cos"]["mean"] > none["ics_cos"]["mean"]
                 and bn["ics_rel"]["mean"] < none["ics_rel"]["mean"],
@@ -207,12 +213,7 @@ def _verdicts(summary: dict) -> list[tuple[str, str]]:
             ),
         ),
         (
-            "BN with noise added after it (more shift) still trains faster than no BN "
-            "(Santurkar et al.)",
-            noisy_verdict,
-        ),
-        (
-            "BN makes the loss landscape smoother (Santurkar et al.)",
+            f"BN makes the loss landscape smoother (Santurkar et al.){where}",
             verdict(
                 bn["beta"]["mean"] < none["beta"]["mean"],
                 f"effective beta-smoothness {_fmt(bn['beta'])} with BN, {_fmt(none['beta'])} "
@@ -221,6 +222,43 @@ def _verdicts(summary: dict) -> list[tuple[str, str]]:
             ),
         ),
     ]
+
+
+def _verdicts(summary: dict) -> list[tuple[str, str]]:
+    a = summary["arms"]
+    rows = []
+    if "bn" in a:
+        none, bn, noisy = a["none"], a["bn"], a["noisy-bn"]
+        bn_steps, noisy_steps, none_steps = (
+            _mean_steps(x["steps_to_90"]) for x in (bn, noisy, none)
+        )
+        fast = noisy_steps is not None and (none_steps is None or noisy_steps < none_steps)
+        steps_text = (
+            f"steps to 90%: {fmt_steps(noisy['steps_to_90'])} with noise, "
+            f"{fmt_steps(bn['steps_to_90'])} with BN, {fmt_steps(none['steps_to_90'])} without"
+        )
+        noisy_verdict = (
+            verdict(
+                fast and noisy["kl"]["mean"] > bn["kl"]["mean"],
+                f"shift (KL) {_fmt(noisy['kl'])} with noise vs {_fmt(bn['kl'])} with BN alone; "
+                + steps_text,
+            )
+            if bn_steps is not None
+            else f"not tested: BN itself did not reach 90% in every seed ({steps_text}); "
+            "train longer"
+        )
+        rows += _pair_rows(none, bn, "", "sigmoid inputs")
+        rows.insert(
+            2,
+            (
+                "BN with noise added after it (more shift) still trains faster than no BN "
+                "(Santurkar et al.)",
+                noisy_verdict,
+            ),
+        )
+    if "inception-bn" in a:
+        rows += _pair_rows(a["inception-none"], a["inception-bn"], ", Inception", "ReLU inputs")
+    return rows
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
@@ -283,10 +321,23 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             f"{config['lr']} momentum {config['momentum']}; {config['seeds']} seed(s) per arm; "
             f"probes every {config['eval_every']} steps on that step's batch (`bnlab.probes`; "
             "probing leaves training bit-identical).",
-            "- **Probes:** *shift*: the sigmoid inputs' distribution before and after the step's "
-            "update (applied to a copy), per unit, averaged over units and layers; *gradient ICS*: "
-            "G and G' of each linear layer after the first (PAPER.md Section 10); "
-            "*smoothness*: step sizes 0.5-4 x lr along the gradient.",
+            *(
+                [
+                    f"- **Inception arms:** `bnlab reproduce inception --preset quick`'s "
+                    "`inception` and `bn-baseline` networks and data (the packaged digits as "
+                    f"32x32 colour images, not CIFAR-10), {config['inception_steps']:,} steps, "
+                    "probed at the inputs of their ReLUs on a fixed augmented training batch."
+                ]
+                if "inception" in config.get("networks", ["mlp"])
+                else []
+            ),
+            "- **Probes:** *shift*: the nonlinearity inputs' distribution before and after the "
+            "step's update (applied to a copy), per unit, averaged over units and layers. The "
+            "probe batch runs as in training, so a BN layer normalizes it with its own "
+            "statistics: after BN only gamma and beta move the Gaussian fit (hence its tiny KL), "
+            "while Wasserstein-1 also sees changes of shape. *Gradient ICS*: G and G' of each "
+            "weight layer after the first (PAPER.md Section 10); *smoothness*: step sizes 0.5-4 "
+            "x lr along the gradient.",
             f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
             f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
             " s in the last session.",
