@@ -248,6 +248,8 @@ def test_workers_and_timeout_must_be_positive(experiment, flag, value, capsys):
         ["reproduce", "inception"],
         ["data", "download", "mnist"],
         ["train-ddp"],
+        ["reproduce", "lr-init"],
+        ["reproduce", "batch-size"],
     ],  # fmt: skip
 )
 def test_help_shows_each_default_once(command, capsys):

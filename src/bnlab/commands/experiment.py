@@ -1,7 +1,7 @@
 """`bnlab reproduce NAME` for the experiments beyond the paper's figures.
 
 Each such experiment module defines ``Config`` (a dataclass), ``PRESETS``
-(name -> field overrides, ``"default"`` among them) and ``HELP`` (field -> help
+(name -> field overrides: ``"quick"`` and ``"full"``) and ``HELP`` (field -> help
 text); its options are derived from them here, so an experiment needs no CLI
 code of its own. Lists are given comma-separated (``--lrs 0.01,0.1``).
 Optionally it defines ``summary_lines(summary) -> list[str]``, printed at the end.
@@ -95,8 +95,9 @@ def _add_parser(exps, command: str, module_name: str, summary: str) -> None:
     p.add_argument(
         "--preset",
         choices=list(module.PRESETS),
-        default="default",
-        help="a named size: quick is a smoke test of a few seconds; options given override it",
+        default="full",
+        help="a named size: quick is a smoke test of a few seconds, full the documented run; "
+        "options given override it",
     )
     p.add_argument(
         "--data",

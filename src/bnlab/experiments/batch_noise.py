@@ -125,7 +125,7 @@ HELP = {
 
 PRESETS = {
     "quick": {"steps": 200, "eval_every": 50, "draws": 30, "population_examples": 2_000},
-    "default": {},
+    "full": {},
 }
 
 

@@ -96,7 +96,7 @@ HELP = {
 
 PRESETS = {
     "quick": {"batch_sizes": [64, 4], "examples": 2_000, "evals": 2},
-    "default": {},
+    "full": {},
 }
 
 

@@ -84,7 +84,7 @@ HELP = {
     "device": "cpu or cuda",
 }
 
-PRESETS = {"quick": {"steps": 300, "eval_every": 100}, "default": {}}
+PRESETS = {"quick": {"steps": 300, "eval_every": 100}, "full": {}}
 
 
 def validate(cfg: Config) -> None:

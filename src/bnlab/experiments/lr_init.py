@@ -94,7 +94,7 @@ HELP = {
 
 PRESETS = {
     "quick": {"lrs": [0.01, 1.0], "inits": [0.01, "glorot"], "steps": 300, "eval_every": 100},
-    "default": {},
+    "full": {},
 }
 
 

@@ -111,7 +111,7 @@ HELP = {
 
 PRESETS = {
     "quick": {"steps": 200, "eval_every": 100, "probe_examples": 200, "inception_steps": 100},
-    "default": {},
+    "full": {},
 }
 
 
