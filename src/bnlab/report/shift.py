@@ -176,7 +176,13 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
             ax.set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(
-        f"Internal covariate shift, measured: MNIST network, {config['seeds']} seed(s) per arm "
+        "Internal covariate shift, measured: "
+        + (
+            "MNIST network and small Inception (dashed)"
+            if any(a.startswith("inception") for a in _arms(config))
+            else "MNIST network"
+        )  # fmt: skip
+        + f", {config['seeds']} seed(s) per arm "
         "(line: mean, band: min-max over seeds; probes at each evaluation)"
     )
     save_figure(fig, path)
