@@ -484,3 +484,14 @@ def build_report(run_dir: str | Path) -> dict:
     _figure(records, cfg, run_dir / "batch_noise.png")
     write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: batch-statistics noise")
     return summary
+
+
+# For `bnlab claims`: the figure, and the claims its verdict rows test (the review's
+# objection, beyond the paper's own claims: the rows go to the further table).
+FIGURE = "batch_noise.png"
+CLAIM_IDS: dict[str, str] = {}
+
+
+def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
+    return _verdicts(summary, config)

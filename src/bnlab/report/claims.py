@@ -88,6 +88,8 @@ def _run_rows(run_dir: Path) -> tuple[str, list[tuple[str | None, dict]]]:
     if experiment not in EXPERIMENTS:
         raise ReportError(f"{run_dir}: experiment {experiment!r} has no report")
     module = importlib.import_module(EXPERIMENTS[experiment])
+    if not hasattr(module, "verdict_rows"):
+        raise ReportError(f"{run_dir}: the {experiment} report has no verdicts for this table")
     summary = read_json(run_dir / "summary.json")
     try:
         rows = module.verdict_rows(summary, config["config"])
