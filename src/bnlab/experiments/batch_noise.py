@@ -54,8 +54,8 @@ from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
+    config_job,
     load_arrays,
-    mlp_job,
     parse_init,
     validate_common,
 )
@@ -416,19 +416,7 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     def evaluate(net: nn.Module) -> dict:
         return {"test_acc": accuracy(net, arrays.x_test, arrays.y_test, cfg.seeds)}
 
-    job = mlp_job(
-        arm,
-        model,
-        arrays,
-        copies=cfg.seeds,
-        steps=cfg.steps,
-        batch_size=m,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        evaluate=evaluate,
-    )
+    job = config_job(cfg, arm, model, arrays, batch_size=m, evaluate=evaluate)
 
     def probe(net: nn.Module, step: int) -> dict:
         def stepped() -> nn.Module:

@@ -31,8 +31,8 @@ from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
+    config_job,
     load_arrays,
-    mlp_job,
     parse_init,
     validate_common,
 )
@@ -236,15 +236,14 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     def evaluate(m: nn.Module) -> dict:
         return {"test_acc": accuracy(m, arrays.x_test, arrays.y_test, cfg.seeds)}
 
-    return mlp_job(
+    return config_job(
+        cfg,
         arm,
         model,
         arrays,
-        copies=cfg.seeds,
         steps=steps,
         batch_size=batch,
         lr=lr_for(cfg, batch),
-        momentum=cfg.momentum,
         eval_every=every,
         checkpoint_every=every * max(1, cfg.evals // 2),
         evaluate=evaluate,

@@ -25,8 +25,8 @@ from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
+    config_job,
     load_arrays,
-    mlp_job,
     parse_init,
     validate_common,
 )
@@ -137,16 +137,4 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
             "train_acc": accuracy(m, x_fit, y_fit, cfg.seeds),
         }
 
-    return mlp_job(
-        arm,
-        model,
-        arrays,
-        copies=cfg.seeds,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        evaluate=evaluate,
-    )
+    return config_job(cfg, arm, model, arrays, evaluate=evaluate)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import load_arrays, mlp_job
+from bnlab.experiments.mnist import config_job, load_arrays
 from bnlab.experiments.runner import run_experiment
 from bnlab.insert import format_summary, insert_batchnorm, insertion_summary
 from bnlab.models import mnist_mlp
@@ -175,20 +175,7 @@ def build_job(arm: str, cfg: Figure1Config, info: DistInfo, work: Path) -> Train
             final["test_acc_population"] = evaluate(m)["test_acc"]
         return final
 
-    return mlp_job(
-        arm,
-        model,
-        arrays,
-        copies=cfg.seeds,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        evaluate=evaluate,
-        finalize=finalize,
-    )
+    return config_job(cfg, arm, model, arrays, evaluate=evaluate, finalize=finalize)
 
 
 # ---------------------------------------------------------------- the whole run

@@ -32,8 +32,8 @@ from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
+    config_job,
     load_arrays,
-    mlp_job,
     parse_init,
     validate_common,
 )
@@ -171,17 +171,6 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     def evaluate(m: nn.Module) -> dict:
         return {"test_acc": accuracy(m, arrays.x_test, arrays.y_test, cfg.seeds)}
 
-    return mlp_job(
-        arm,
-        model,
-        arrays,
-        copies=cfg.seeds,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=lr,
-        momentum=cfg.momentum,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        evaluate=evaluate,
-        divergence_bound=cfg.divergence_loss,
+    return config_job(
+        cfg, arm, model, arrays, lr=lr, evaluate=evaluate, divergence_bound=cfg.divergence_loss
     )

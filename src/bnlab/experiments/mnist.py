@@ -25,6 +25,7 @@ __all__ = [
     "check_data",
     "load_arrays",
     "mlp_job",
+    "config_job",
     "parse_init",
     "validate_common",
 ]
@@ -166,3 +167,14 @@ def mlp_job(
         divergence_bound=divergence_bound,
         probe=probe,
     )
+
+
+def config_job(cfg, arm: str, model: nn.Module, arrays: MNISTArrays, **overrides) -> TrainJob:
+    """:func:`mlp_job` with the options an experiment's config holds under the usual names
+    (``seeds``, ``steps``, ``batch_size``, ``lr``, ``momentum``, ``eval_every``,
+    ``checkpoint_every``); ``overrides`` (``evaluate`` among them) replace or add to them."""
+    names = {"copies": "seeds", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
+             "momentum": "momentum", "eval_every": "eval_every",
+             "checkpoint_every": "checkpoint_every"}  # fmt: skip
+    kwargs = {k: getattr(cfg, v) for k, v in names.items() if hasattr(cfg, v)}
+    return mlp_job(arm, model, arrays, **{**kwargs, **overrides})

@@ -46,8 +46,8 @@ from bnlab.experiments import inception
 from bnlab.experiments.mnist import (
     accuracy,
     check_data,
+    config_job,
     load_arrays,
-    mlp_job,
     parse_init,
     validate_common,
 )
@@ -205,19 +205,7 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     def evaluate(m: nn.Module) -> dict:
         return {"test_acc": accuracy(m, arrays.x_test, arrays.y_test, cfg.seeds)}
 
-    job = mlp_job(
-        arm,
-        model,
-        arrays,
-        copies=cfg.seeds,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        evaluate=evaluate,
-    )
+    job = config_job(cfg, arm, model, arrays, evaluate=evaluate)
     job.probe = _probe(job, x_probe, nn.Sigmoid)
     return job
 

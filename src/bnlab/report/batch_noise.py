@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report import ReportError
+from bnlab.report.render import (
+    environment_line,
+    markdown_table,
+    report_from_records,
+    save_figure,
+    subplots,
+)
 from bnlab.report.stats import (
     diverged_copies,
     eval_curves,
@@ -30,7 +36,6 @@ from bnlab.report.stats import (
     mean_std_ci,
     verdict,
 )
-from bnlab.train.io import write_json
 
 __all__ = ["FILES", "build_report", "interval_shift", "summarize"]
 
@@ -466,9 +471,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             f"{config['lr']} momentum {config['momentum']}; {seeds} seed(s) per batch size; "
             f"probes every {config['eval_every']:,} steps (they leave training bit-identical).",
             f"- **Data:** {data}.",
-            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-            " s in the last session.",
+            environment_line(env),
             "",
         ]
     )
@@ -476,14 +479,15 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
 
 def build_report(run_dir: str | Path) -> dict:
     """(Re)build summary.json, batch_noise.png, report.md and report.html from the records."""
-    run_dir = Path(run_dir)
-    config, env, records = read_run(run_dir, "batch_noise")
-    cfg = config["config"]
-    summary = summarize(records, cfg)
-    write_json(run_dir / "summary.json", summary)
-    _figure(records, cfg, run_dir / "batch_noise.png")
-    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: batch-statistics noise")
-    return summary
+    return report_from_records(
+        run_dir,
+        "batch_noise",
+        summarize,
+        lambda r, s, c, p: _figure(r, c, p),
+        _markdown,
+        FILES[1],
+        "bnlab: batch-statistics noise",
+    )
 
 
 # For `bnlab claims`: the figure, and the claims its verdict rows test (the review's

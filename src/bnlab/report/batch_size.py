@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report import ReportError
+from bnlab.report.render import (
+    environment_line,
+    markdown_table,
+    report_from_records,
+    save_figure,
+    subplots,
+)
 from bnlab.report.stats import diverged_copies, eval_curves, fmt_diverged, mean_std_ci, verdict
-from bnlab.train.io import write_json
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -213,9 +218,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             f"- **Training:** {config['examples']:,} examples per run ({steps}); SGD momentum "
             f"{config['momentum']}, lr {config['lr']} at batch 60 scaled "
             f"{config['lr_scaling']}; {config['seeds']} seed(s) per run.",
-            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-            " s in the last session.",
+            environment_line(env),
             "",
         ]
     )
@@ -223,14 +226,15 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
 
 def build_report(run_dir: str | Path) -> dict:
     """(Re)build summary.json, batch_size.png, report.md and report.html from the records."""
-    run_dir = Path(run_dir)
-    config, env, records = read_run(run_dir, "batch-size")
-    cfg = config["config"]
-    summary = summarize(records, cfg)
-    write_json(run_dir / "summary.json", summary)
-    _figure(summary, cfg, run_dir / "batch_size.png")
-    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: BN and the batch size")
-    return summary
+    return report_from_records(
+        run_dir,
+        "batch-size",
+        summarize,
+        lambda r, s, c, p: _figure(s, c, p),
+        _markdown,
+        FILES[1],
+        "bnlab: BN and the batch size",
+    )
 
 
 # For `bnlab claims`: the figure, and the claims its verdict rows test (none of the

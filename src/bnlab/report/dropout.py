@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report import ReportError
+from bnlab.report.render import (
+    environment_line,
+    markdown_table,
+    report_from_records,
+    save_figure,
+    subplots,
+)
 from bnlab.report.stats import diverged_copies, eval_curves, fmt_diverged, mean_std_ci, verdict
-from bnlab.train.io import write_json
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -173,9 +178,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             f"- **Training:** {config['steps']:,} steps, batch {config['batch_size']}, SGD lr "
             f"{config['lr']} momentum {config['momentum']}; {config['seeds']} seed(s) per arm "
             "(mean ± std, n).",
-            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-            " s in the last session.",
+            environment_line(env),
             "",
         ]
     )
@@ -183,14 +186,15 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
 
 def build_report(run_dir: str | Path) -> dict:
     """(Re)build summary.json, dropout.png, report.md and report.html from the records."""
-    run_dir = Path(run_dir)
-    config, env, records = read_run(run_dir, "dropout")
-    cfg = config["config"]
-    summary = summarize(records, cfg)
-    write_json(run_dir / "summary.json", summary)
-    _figure(records, cfg, run_dir / "dropout.png")
-    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: BN and dropout")
-    return summary
+    return report_from_records(
+        run_dir,
+        "dropout",
+        summarize,
+        lambda r, s, c, p: _figure(r, c, p),
+        _markdown,
+        FILES[1],
+        "bnlab: BN and dropout",
+    )
 
 
 # For `bnlab claims`: the figure that shows this run, and which claim of

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report import ReportError
+from bnlab.report.render import (
+    environment_line,
+    markdown_table,
+    report_from_records,
+    save_figure,
+    subplots,
+)
 from bnlab.report.stats import (
     diverged_copies,
     eval_curves,
@@ -22,7 +28,6 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import write_json
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -281,9 +286,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             f"cell *trains* when every seed ends at ≥ {100 * config['threshold']:.0f}% test "
             "accuracy and none diverged (a training loss that became non-finite or exceeded "
             f"{config.get('divergence_loss', math.inf):g}).",
-            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-            " s in the last session.",
+            environment_line(env),
             "",
             "## Every cell",
             "",
@@ -305,14 +308,15 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
 
 def build_report(run_dir: str | Path) -> dict:
     """(Re)build summary.json, lr_init.png, report.md and report.html from the records."""
-    run_dir = Path(run_dir)
-    config, env, records = read_run(run_dir, "lr-init")
-    cfg = config["config"]
-    summary = summarize(records, cfg)
-    write_json(run_dir / "summary.json", summary)
-    _figure(summary, cfg, run_dir / "lr_init.png")
-    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: learning rate x initialization")
-    return summary
+    return report_from_records(
+        run_dir,
+        "lr-init",
+        summarize,
+        lambda r, s, c, p: _figure(s, c, p),
+        _markdown,
+        FILES[1],
+        "bnlab: learning rate x initialization",
+    )
 
 
 # For `bnlab claims`: the figure that shows this run, and which claim of

@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.report import ReportError
-from bnlab.train.io import atomic_write_bytes, atomic_write_text
+from bnlab.train.io import atomic_write_bytes, atomic_write_text, write_json
 
-__all__ = ["markdown_table", "save_figure", "subplots", "write_documents"]
+__all__ = [
+    "environment_line",
+    "markdown_table",
+    "report_from_records",
+    "save_figure",
+    "subplots",
+    "write_documents",
+]
 
 # image types report.html can inline
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -147,3 +154,40 @@ def _inline(text: str) -> str:
     t = html.escape(text)
     t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def environment_line(env: dict) -> str:
+    """The report's "Environment" bullet, from a run's env.json."""
+    return (
+        f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
+        f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
+        " s in the last session."
+    )
+
+
+def report_from_records(
+    run_dir: str | Path, experiment: str, summarize, draw, markdown, figure: str, title: str
+) -> dict:
+    """The usual report: summary.json, the figure, report.md and report.html, built from
+    ``run_dir``'s records alone.
+
+    Args:
+        experiment: the CLI name, for messages (``"lr-init"``).
+        summarize: ``(records, config) -> summary``.
+        draw: ``(records, summary, config, path)``: writes the figure.
+        markdown: ``(summary, config, env) -> report.md's text``.
+        figure: the figure's file name.
+
+    Returns:
+        The summary, as written to summary.json.
+    """
+    from bnlab.report import read_run
+
+    run_dir = Path(run_dir)
+    config, env, records = read_run(run_dir, experiment)
+    cfg = config["config"]
+    summary = summarize(records, cfg)
+    write_json(run_dir / "summary.json", summary)
+    draw(records, summary, cfg, run_dir / figure)
+    write_documents(run_dir, markdown(summary, cfg, env), title)
+    return summary

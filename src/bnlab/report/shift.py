@@ -13,8 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report import ReportError
+from bnlab.report.render import (
+    environment_line,
+    markdown_table,
+    report_from_records,
+    save_figure,
+    subplots,
+)
 from bnlab.report.stats import (
     diverged_copies,
     eval_curves,
@@ -24,7 +30,6 @@ from bnlab.report.stats import (
     mean_std_ci,
     verdict,
 )
-from bnlab.train.io import write_json
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -344,9 +349,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             "while Wasserstein-1 also sees changes of shape. *Gradient ICS*: G and G' of each "
             "weight layer after the first (PAPER.md Section 10); *smoothness*: step sizes 0.5-4 "
             "x lr along the gradient.",
-            f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-            f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-            " s in the last session.",
+            environment_line(env),
             "",
         ]
     )
@@ -354,14 +357,15 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
 
 def build_report(run_dir: str | Path) -> dict:
     """(Re)build summary.json, shift.png, report.md and report.html from the records."""
-    run_dir = Path(run_dir)
-    config, env, records = read_run(run_dir, "shift")
-    cfg = config["config"]
-    summary = summarize(records, cfg)
-    write_json(run_dir / "summary.json", summary)
-    _figure(records, cfg, run_dir / "shift.png")
-    write_documents(run_dir, _markdown(summary, cfg, env), "bnlab: internal covariate shift")
-    return summary
+    return report_from_records(
+        run_dir,
+        "shift",
+        summarize,
+        lambda r, s, c, p: _figure(r, c, p),
+        _markdown,
+        FILES[1],
+        "bnlab: internal covariate shift",
+    )
 
 
 # For `bnlab claims`: the figure that shows this run, and which claim of
