@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_batchnorm.py
+	$(VENV)/bin/bnlab bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

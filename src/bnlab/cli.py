@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "bnlab.commands.data",
     "bnlab.commands.ddp",
     "bnlab.verify",
+    "bnlab.commands.bench",
 ]
 
 

@@ -1,0 +1,277 @@
+"""The compiled CPU backend of the training-mode transform, and when it applies.
+
+:func:`train_forward` and :func:`backward` have the signatures of
+:func:`bnlab.core.batch_norm_train_forward` and :func:`bnlab.core.batch_norm_backward`
+(the narrow interface of the autograd layer, re-exported by :mod:`bnlab.functional`),
+which call them first, and return their result from the C++
+kernels of ``bn_cpu.cpp`` (custom ops ``torch.ops.bnlab.bn_train_fwd`` and
+``torch.ops.bnlab.bn_bwd``), or ``None`` where the compiled path does not apply and
+the pure-PyTorch path must run:
+
+* ``BNLAB_BACKEND=torch``;
+* tensors not on the CPU (CUDA runs torch's own kernels through the pure path);
+* dtypes other than float32, float64, float16, bfloat16; empty inputs;
+* functorch-transformed tensors (vmap, jvp, grad) and forward-mode dual tensors,
+  which need the autograd.Function's own vmap/jvp rules;
+* autograd recording (``requires_grad`` input with grad mode on: double backward),
+  because the custom ops have no derivative of their own.
+
+``BNLAB_BACKEND`` (read once per process) selects the path: ``compiled`` (an error,
+naming the cause, when the kernels cannot be built), ``torch`` (never build), or
+unset/``auto`` (build on first use; where that fails, one warning and the pure-PyTorch
+path). :func:`set_backend` and the context manager :func:`using` change it at run time.
+
+Numerics of the kernels: one statistics pass over values shifted by a sample of
+their channel, block sums in float32 (float64 for float64 input) added in float64;
+float16/bfloat16 accumulate in float32 (``core.compute_dtype``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch._C import _functorch
+from torch.autograd import forward_ad
+
+from bnlab.backend import build
+
+__all__ = [
+    "BackendUnavailableError",
+    "backward",
+    "describe",
+    "is_available",
+    "mode",
+    "set_backend",
+    "train_forward",
+    "using",
+]
+
+MODES = ("auto", "compiled", "torch")
+SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+
+class BackendUnavailableError(RuntimeError):
+    """``BNLAB_BACKEND=compiled`` was asked for but the kernels cannot be built or loaded."""
+
+
+class _State:
+    """What the loader found out, once per process."""
+
+    lock = threading.Lock()
+    tried = False
+    loaded = False
+    error: str | None = None
+    library: Path | None = None
+    build_seconds = 0.0
+    warned = False
+    mode: str | None = None  # None: not yet read from BNLAB_BACKEND
+
+
+_state = _State()
+
+
+def mode() -> str:
+    """The path asked for: ``auto``, ``compiled`` or ``torch``.
+
+    :func:`set_backend` decides; until it is called, ``BNLAB_BACKEND`` (read once per
+    process: reading the environment costs a microsecond, a tenth of a small BN call).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if _state.mode is None:
+        set_backend(os.environ.get("BNLAB_BACKEND"))
+    return _state.mode
+
+
+def set_backend(value: str | None) -> None:
+    """Force a path for this process: ``"compiled"``, ``"torch"`` or ``"auto"``;
+    None re-reads ``BNLAB_BACKEND`` (unset means ``auto``).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if value is None:
+        value = os.environ.get("BNLAB_BACKEND", "auto")
+    value = value.strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(
+            f"BNLAB_BACKEND={value!r} is not one of {', '.join(MODES)}; "
+            "unset it for the default (compiled where it builds, else pure PyTorch)"
+        )
+    _state.mode = value
+
+
+@contextmanager
+def using(value: str | None):
+    """``with backend.using("torch"):`` runs the block on that path and restores the
+    previous choice afterwards (also on errors)."""
+    old = _state.mode
+    set_backend(value)
+    try:
+        yield
+    finally:
+        _state.mode = old
+
+
+def _load() -> bool:
+    """Build/load the kernels once per process; True when ``torch.ops.bnlab`` has them."""
+    if _state.tried:
+        return _state.loaded
+    with _state.lock:
+        if not _state.tried:
+            try:
+                _state.library, _state.build_seconds = build.build_and_load()
+                _register_fakes()
+                _state.loaded = True
+            except Exception as e:  # noqa: BLE001 - any build failure means: fall back
+                lines = [line for line in str(e).strip().splitlines() if line.strip()]
+                _state.error = f"{type(e).__name__}: {lines[-1] if lines else e!r}"
+            _state.tried = True
+    return _state.loaded
+
+
+def is_available() -> bool:
+    """Whether the compiled kernels are (or can be) loaded; builds them on first call."""
+    return _load()
+
+
+def _compiled_ready() -> bool:
+    """Whether to use the kernels at all; warns once or raises per ``BNLAB_BACKEND``."""
+    wanted = mode()
+    if wanted == "torch":
+        return False
+    if not _state.tried and torch.compiler.is_compiling():
+        # No build inside a trace: this graph keeps the pure path. Calling
+        # is_available() (or any eager BN call) before torch.compile avoids that.
+        return False
+    if _load():
+        return True
+    if wanted == "compiled":
+        raise BackendUnavailableError(
+            f"BNLAB_BACKEND=compiled but bnlab's C++ kernels could not be built or loaded "
+            f"({_state.error}). Install a C++ compiler (g++) and ninja (`pip install ninja`), "
+            f"or unset BNLAB_BACKEND to fall back to the pure-PyTorch path"
+        )
+    if not _state.warned:
+        _state.warned = True
+        warnings.warn(
+            f"bnlab: the compiled CPU backend is unavailable ({_state.error}); using the "
+            "pure-PyTorch path (correct, slower). Install a C++ compiler (g++) to enable it, "
+            "or set BNLAB_BACKEND=torch to silence this warning.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return False
+
+
+def _plain_cpu(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Tensors the custom ops may take: on the CPU, not functorch-wrapped (vmap, grad,
+    jvp), without a forward-AD tangent. Cheap when no transform is active."""
+    if not all(t is None or t.is_cpu for t in tensors):
+        return False
+    if torch.compiler.is_compiling():
+        return True  # traced with fake tensors; the ops' fake kernels apply
+    if _functorch.maybe_current_level() is not None and any(  # a transform is active
+        t is not None and _functorch.is_functorch_wrapped_tensor(t) for t in tensors
+    ):
+        return False
+    if forward_ad._current_level >= 0 and any(  # a dual level is entered
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return False
+    return True
+
+
+def _applies(x: Tensor, *others: Tensor | None) -> bool:
+    if x.dtype not in SUPPORTED_DTYPES or x.dim() < 2 or x.numel() == 0:
+        return False
+    tensors = (x, *others)
+    if not _plain_cpu(tensors):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return _compiled_ready()
+
+
+def train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Training-mode forward (Algorithm 1) by the kernels, or None where they do not apply.
+
+    Returns:
+        ``(y, mu_b, biased_var_b)`` as :func:`bnlab.core.batch_norm_train_forward`,
+        or None.
+    """
+    if not _applies(x, weight, bias):
+        return None
+    return torch.ops.bnlab.bn_train_fwd(x, weight, bias, float(eps))
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+    """The closed-form backward of Section 3 by the kernels, or None where they do not apply.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias)`` as :func:`bnlab.core.batch_norm_backward`,
+        or None.
+    """
+    if grad_y.shape != x.shape or not _applies(x, grad_y, weight, mu_b, inv_std):
+        return None
+    need_x, need_w, need_b = needs_input_grad
+    grad_x, sum_dy_xhat, sum_dy = torch.ops.bnlab.bn_bwd(grad_y, x, weight, mu_b, inv_std, need_x)
+    grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
+    grad_b = None
+    if need_b:
+        grad_b = sum_dy.to(weight.dtype if weight is not None else grad_y.dtype)
+    return (grad_x if need_x else None), grad_w, grad_b
+
+
+def describe() -> str:
+    """One line naming the backend CPU training-mode BN runs on in this process."""
+    wanted = mode()
+    if wanted == "torch":
+        return "torch (pure PyTorch; BNLAB_BACKEND=torch)"
+    if _load():
+        how = (
+            f"built in {_state.build_seconds:.1f} s"
+            if _state.build_seconds
+            else "loaded from cache"
+        )
+        return f"compiled (bnlab C++ CPU kernels, {how}: {_state.library})"
+    return f"torch (pure PyTorch; compiled backend unavailable: {_state.error})"
+
+
+# --------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only, so torch.compile can trace the ops
+# --------------------------------------------------------------------------
+
+
+def _fake_train_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _fake_bwd(grad_y, x, weight, mean, inv_std, need_x: bool):
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    c = x.shape[1]
+    grad_x = torch.empty_like(x) if need_x else x.new_empty((0,))
+    return grad_x, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _register_fakes() -> None:
+    torch.library.register_fake("bnlab::bn_train_fwd")(_fake_train_fwd)
+    torch.library.register_fake("bnlab::bn_bwd")(_fake_bwd)

@@ -1,0 +1,835 @@
+// bnlab's compiled CPU kernels for training-mode batch normalization.
+//
+// Two custom ops, registered with torch.library under the `bnlab` namespace:
+//
+//   bnlab::bn_train_fwd(x, weight?, bias?, eps) -> (y, mu_b, biased_var_b)
+//   bnlab::bn_bwd(grad_y, x, weight?, mu_b, inv_std, need_x) -> (grad_x, sum_dy_xhat, sum_dy)
+//
+// sum_dy_xhat = sum dy * (x - mu_b) * inv_std is dl/dgamma and sum_dy is dl/dbeta; grad_x
+// is an empty tensor when need_x is false.
+//
+// The math is Algorithm 1 of Ioffe & Szegedy (2015) and the closed-form backward of
+// Section 3 (see bnlab.core.batch_norm_backward). Statistics are taken over every dim
+// but the channel dim 1; float16/bfloat16 are accumulated in float32, converted in
+// chunks to float32 buffers (see Staging) so that every arithmetic loop vectorizes.
+//
+// Memory layouts:
+//   * "NCS": x contiguous as (N, C, S) with S = prod(spatial) > 1. The work is split
+//     over channels; one task reads its channel for the statistics and at once again
+//     for the output, so the second read comes from the core's cache when a channel
+//     (N * S values) fits there. With fewer channels than threads the batch is split too.
+//   * "RC": rows of C channels, channel innermost: 2-D (N, C) and channels_last inputs,
+//     R = N * S rows. The rows are split over threads; each keeps per-channel partial
+//     sums, merged afterwards. Short rows are grouped into super-rows of >= 256 values.
+//   * Tiny inputs (below kGrain values per task) run on the calling thread, with no
+//     parallel region to start; their cost is then the op's dispatch.
+//
+// Numerics: one statistics pass over values shifted by a sample of their own channel
+// (K = the channel's first value), so sum(d) and sum(d^2) of d = x - K do not cancel
+// catastrophically when |mean| >> std. Blocks of at most kBlock values are summed in the
+// accumulation type (vectorized), and block sums are added in float64. The output
+// subtracts the mean as a float64 value split into two acc_t parts (hi + lo), so
+// large-mean inputs keep their precision.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace bnlab {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlock = 4096;       // values summed in acc_t before a float64 add
+constexpr int64_t kRowBlock = 64;      // rows summed in acc_t before a float64 add (RC)
+constexpr int64_t kGrain = 1 << 15;    // values per task below which work stays serial
+
+enum class Layout { NCS, RC };
+
+struct Geometry {
+  Layout layout;
+  int64_t n, c, s;  // NCS: (n, c, s); RC: rows = n * s, channels c
+};
+
+bool is_channels_last_dense(const Tensor& x) {
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+// Make x one of the two layouts the kernels take (a copy only when x is neither).
+Tensor as_supported_layout(const Tensor& x) {
+  if (x.is_contiguous() || is_channels_last_dense(x)) return x;
+  return x.contiguous(x.suggest_memory_format());
+}
+
+Geometry geometry_of(const Tensor& x) {
+  int64_t n = x.size(0), c = x.size(1);
+  int64_t s = c == 0 || n == 0 ? 0 : x.numel() / (n * c);
+  bool rc = !x.is_contiguous() || s == 1;  // channels_last dense, or (N, C) rows
+  if (c == 1) return {Layout::NCS, 1, 1, x.numel()};  // one channel: all values in a row
+  return {rc ? Layout::RC : Layout::NCS, n, c, s};
+}
+
+// Bring t to the layout of x (grad_y may come strided, expanded or in another format).
+Tensor like_layout(const Tensor& t, const Tensor& x) {
+  if (x.is_contiguous()) return t.contiguous();
+  return t.contiguous(x.suggest_memory_format());
+}
+
+template <typename acc_t>
+struct MeanSplit {
+  acc_t hi, lo;
+  explicit MeanSplit(double m)
+      : hi(static_cast<acc_t>(m)), lo(static_cast<acc_t>(m - double(hi))) {}
+};
+
+// Element loads and stores in the accumulation type, written so the compiler vectorizes
+// them (c10's own conversions do not vectorize): bfloat16 by bit shifts, rounding to
+// nearest even on store; float16 by the branch-free method below. Both are bit-exact
+// with c10::BFloat16 / c10::Half.
+template <typename T>
+struct IO {
+  using raw = T;
+  static inline T load(T v) { return v; }
+  static inline T store(T v) { return v; }
+};
+
+template <>
+struct IO<c10::BFloat16> {
+  using raw = uint16_t;
+  static inline float load(uint16_t v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static inline uint16_t store(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    const uint32_t nan = 0u - static_cast<uint32_t>(f != f);  // all ones for NaN
+    u = (0x7fc00000u & nan) | (rounded & ~nan);
+    return static_cast<uint16_t>(u >> 16);
+  }
+};
+
+template <>
+struct IO<c10::Half> {
+  using raw = uint16_t;
+  // IEEE half <-> float with integer and float operations only (the method of
+  // Maratyszcza's FP16 library, which c10::Half also uses), branch-free (selects by
+  // masks) so that loops over them vectorize; bit-exact with c10::Half.
+  static inline float bits_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static inline uint32_t float_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+  }
+  static inline uint32_t select(bool c, uint32_t a, uint32_t b) {
+    const uint32_t mask = 0u - static_cast<uint32_t>(c);
+    return (a & mask) | (b & ~mask);
+  }
+  static inline float load(uint16_t h) {
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_float(
+        sign | select(two_w < (1u << 27), float_bits(denormalized), float_bits(normalized)));
+  }
+  static inline uint16_t store(float f) {
+    const uint32_t w = float_bits(f);
+    const float scaled = (bits_float(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t exp2 = shl1_w & 0xFF000000u;
+    const uint32_t bias = select(exp2 < 0x71000000u, 0x71000000u, exp2);
+    const uint32_t bits = float_bits(bits_float((bias >> 1) + 0x07800000u) + scaled);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return static_cast<uint16_t>((sign >> 16) | select(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
+  }
+};
+
+template <typename T>
+using Raw = typename IO<T>::raw;
+
+template <typename T>
+const Raw<T>* raw_ptr(const Tensor& t) {
+  return reinterpret_cast<const Raw<T>*>(t.const_data_ptr<T>());
+}
+
+template <typename T>
+Raw<T>* raw_mut_ptr(Tensor& t) {
+  return reinterpret_cast<Raw<T>*>(t.mutable_data_ptr<T>());
+}
+
+// Loops see their values in acc_t. float and double are read in place; float16 and
+// bfloat16 are converted chunk by chunk into stack buffers (F16C instructions for
+// float16 where the build has them), and outputs converted back, so every arithmetic
+// loop is a plain float loop the compiler vectorizes.
+template <typename scalar_t>
+struct Staging {
+  using acc_t = at::opmath_type<scalar_t>;
+  using raw_t = Raw<scalar_t>;
+  static constexpr bool kCopy = !std::is_same_v<raw_t, acc_t>;
+  static constexpr int64_t kChunk = 256;
+
+  static inline void to_acc(const raw_t* __restrict__ src, acc_t* __restrict__ dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+      }
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) dst[j] = IO<scalar_t>::load(src[j]);
+  }
+
+  static inline void from_acc(const acc_t* __restrict__ src, raw_t* __restrict__ dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+      }
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; ++j) dst[j] = IO<scalar_t>::store(src[j]);
+  }
+
+  // body(j0, a, n): a[0..n) are values j0..j0+n of the run, in acc_t.
+  template <typename Body>
+  static inline void read1(const raw_t* a, int64_t len, const Body& body) {
+    if constexpr (!kCopy) {
+      body(int64_t(0), a, len);
+    } else {
+      acc_t ba[kChunk];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, len - j0);
+        to_acc(a + j0, ba, n);
+        body(j0, static_cast<const acc_t*>(ba), n);
+      }
+    }
+  }
+
+  template <typename Body>
+  static inline void read2(const raw_t* a, const raw_t* b, int64_t len, const Body& body) {
+    if constexpr (!kCopy) {
+      body(int64_t(0), a, b, len);
+    } else {
+      acc_t ba[kChunk], bb[kChunk];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, len - j0);
+        to_acc(a + j0, ba, n);
+        to_acc(b + j0, bb, n);
+        body(j0, static_cast<const acc_t*>(ba), static_cast<const acc_t*>(bb), n);
+      }
+    }
+  }
+
+  // body(j0, a, out, n) writes out[0..n), stored to y[j0..j0+n).
+  template <typename Body>
+  static inline void map1(const raw_t* a, raw_t* y, int64_t len, const Body& body) {
+    if constexpr (!kCopy) {
+      body(int64_t(0), a, y, len);
+    } else {
+      acc_t ba[kChunk], out[kChunk];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, len - j0);
+        to_acc(a + j0, ba, n);
+        body(j0, static_cast<const acc_t*>(ba), out, n);
+        from_acc(out, y + j0, n);
+      }
+    }
+  }
+
+  template <typename Body>
+  static inline void map2(const raw_t* a, const raw_t* b, raw_t* y, int64_t len,
+                          const Body& body) {
+    if constexpr (!kCopy) {
+      body(int64_t(0), a, b, y, len);
+    } else {
+      acc_t ba[kChunk], bb[kChunk], out[kChunk];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, len - j0);
+        to_acc(a + j0, ba, n);
+        to_acc(b + j0, bb, n);
+        body(j0, static_cast<const acc_t*>(ba), static_cast<const acc_t*>(bb), out, n);
+        from_acc(out, y + j0, n);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// NCS kernels: per channel, over positions [q0, q1) of its N * S values
+// ---------------------------------------------------------------------------
+
+// Calls body(offset, len) for the contiguous runs of channel ch's positions [q0, q1)
+// (position q is value q % S of batch entry q / S), each at most max_len long.
+template <typename Body>
+inline void for_each_run(const Geometry& g, int64_t ch, int64_t q0, int64_t q1,
+                         int64_t max_len, const Body& body) {
+  for (int64_t q = q0; q < q1;) {
+    const int64_t n = q / g.s, i = q % g.s;
+    const int64_t len = std::min({g.s - i, q1 - q, max_len});
+    body((n * g.c + ch) * g.s + i, len);
+    q += len;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void ncs_shifted_sums(const Raw<scalar_t>* __restrict__ x, const Geometry& g, int64_t ch,
+                      int64_t q0, int64_t q1, acc_t k, double& out1, double& out2) {
+  double t1 = 0, t2 = 0;
+  for_each_run(g, ch, q0, q1, kBlock, [&](int64_t off, int64_t len) {
+    Staging<scalar_t>::read1(x + off, len, [&](int64_t, const auto* __restrict__ v, int64_t n) {
+      const acc_t kk = k;
+      acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t d = v[i] - kk;
+        s1 += d;
+        s2 += d * d;
+      }
+      t1 += s1;
+      t2 += s2;
+    });
+  });
+  out1 = t1;
+  out2 = t2;
+}
+
+template <typename scalar_t, typename acc_t>
+void ncs_normalize(const Raw<scalar_t>* __restrict__ x, Raw<scalar_t>* __restrict__ y,
+                   const Geometry& g, int64_t ch, int64_t q0, int64_t q1, MeanSplit<acc_t> mu,
+                   acc_t scale, acc_t shift) {
+  for_each_run(g, ch, q0, q1, g.s, [&](int64_t off, int64_t len) {
+    Staging<scalar_t>::map1(
+        x + off, y + off, len,
+        [&](int64_t, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+          const acc_t hi = mu.hi, lo = mu.lo, sc = scale, sh = shift;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) out[i] = ((v[i] - hi) - lo) * sc + sh;
+        });
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void ncs_grad_sums(const Raw<scalar_t>* __restrict__ dy, const Raw<scalar_t>* __restrict__ x,
+                   const Geometry& g, int64_t ch, int64_t q0, int64_t q1, acc_t mu,
+                   double& out_dy, double& out_dyxmu) {
+  double t1 = 0, t2 = 0;
+  for_each_run(g, ch, q0, q1, kBlock, [&](int64_t off, int64_t len) {
+    Staging<scalar_t>::read2(
+        dy + off, x + off, len,
+        [&](int64_t, const auto* __restrict__ d, const auto* __restrict__ v, int64_t n) {
+          const acc_t m = mu;
+          acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = 0; i < n; ++i) {
+            s1 += d[i];
+            s2 += d[i] * (v[i] - m);
+          }
+          t1 += s1;
+          t2 += s2;
+        });
+  });
+  out_dy = t1;
+  out_dyxmu = t2;
+}
+
+// dx = k * dy + a * (x - mu) + b  (the closed form of Section 3 with per-channel k, a, b)
+template <typename scalar_t, typename acc_t>
+void ncs_input_grad(const Raw<scalar_t>* __restrict__ dy, const Raw<scalar_t>* __restrict__ x,
+                    Raw<scalar_t>* __restrict__ dx, const Geometry& g, int64_t ch, int64_t q0,
+                    int64_t q1, acc_t mu, acc_t k, acc_t a, acc_t b) {
+  for_each_run(g, ch, q0, q1, g.s, [&](int64_t off, int64_t len) {
+    Staging<scalar_t>::map2(dy + off, x + off, dx + off, len,
+                            [&](int64_t, const auto* __restrict__ d, const auto* __restrict__ v,
+                                auto* __restrict__ out, int64_t n) {
+                              const acc_t kk = k, aa = a, bb = b, m = mu;
+#pragma omp simd
+                              for (int64_t i = 0; i < n; ++i) {
+                                out[i] = kk * d[i] + aa * (v[i] - m) + bb;
+                              }
+                            });
+  });
+}
+
+// RC rows are processed in "super-rows" of W = C * rep values (rep whole rows), so a
+// short row (a few channels, channels_last) still makes a long vector loop; per-channel
+// arrays are tiled to W (value j of a super-row belongs to channel j % C).
+int64_t tile_width(int64_t c) {
+  constexpr int64_t kMinWidth = 256;
+  return c >= kMinWidth ? c : c * ((kMinWidth + c - 1) / c);
+}
+
+template <typename T>
+std::vector<T> tiled(const T* v, int64_t c, int64_t w) {
+  std::vector<T> out(w);
+  for (int64_t j = 0; j < w; ++j) out[j] = v[j % c];
+  return out;
+}
+
+// Per-channel sums over rows [r0, r1) of f(j, a1, a2) accumulated per lane: blocks of
+// kRowBlock super-rows in acc_t, block sums added in float64, folded to C channels.
+template <typename acc_t, typename Body>
+void rc_reduce(int64_t c, int64_t w, int64_t r0, int64_t r1, double* __restrict__ out1,
+               double* __restrict__ out2, const Body& body) {
+  std::vector<acc_t> s1(w), s2(w);
+  std::vector<double> d1(w, 0.0), d2(w, 0.0);
+  const int64_t end = r1 * c;
+  for (int64_t p = r0 * c; p < end;) {
+    std::fill(s1.begin(), s1.end(), acc_t(0));
+    std::fill(s2.begin(), s2.end(), acc_t(0));
+    for (int64_t blk = 0; blk < kRowBlock && p < end; ++blk) {
+      const int64_t len = std::min(w, end - p);
+      body(p, len, s1.data(), s2.data());
+      p += len;
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      d1[j] += s1[j];
+      d2[j] += s2[j];
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    out1[j % c] += d1[j];
+    out2[j % c] += d2[j];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void rc_shifted_sums(const Raw<scalar_t>* __restrict__ x, int64_t c, int64_t w, int64_t r0,
+                     int64_t r1, const acc_t* __restrict__ k, double* out1, double* out2) {
+  rc_reduce<acc_t>(c, w, r0, r1, out1, out2,
+                   [&](int64_t p, int64_t len, acc_t* __restrict__ a1, acc_t* __restrict__ a2) {
+                     Staging<scalar_t>::read1(
+                         x + p, len, [&](int64_t j0, const auto* __restrict__ v, int64_t n) {
+                           const acc_t* __restrict__ kk = k + j0;
+                           acc_t* __restrict__ b1 = a1 + j0;
+                           acc_t* __restrict__ b2 = a2 + j0;
+#pragma omp simd
+                           for (int64_t j = 0; j < n; ++j) {
+                             const acc_t d = v[j] - kk[j];
+                             b1[j] += d;
+                             b2[j] += d * d;
+                           }
+                         });
+                   });
+}
+
+template <typename scalar_t, typename acc_t>
+void rc_grad_sums(const Raw<scalar_t>* __restrict__ dy, const Raw<scalar_t>* __restrict__ x,
+                  int64_t c, int64_t w, int64_t r0, int64_t r1,
+                  const acc_t* __restrict__ mu, double* out1, double* out2) {
+  rc_reduce<acc_t>(c, w, r0, r1, out1, out2,
+                   [&](int64_t p, int64_t len, acc_t* __restrict__ a1, acc_t* __restrict__ a2) {
+                     Staging<scalar_t>::read2(
+                         dy + p, x + p, len,
+                         [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+                             int64_t n) {
+                           const acc_t* __restrict__ mm = mu + j0;
+                           acc_t* __restrict__ b1 = a1 + j0;
+                           acc_t* __restrict__ b2 = a2 + j0;
+#pragma omp simd
+                           for (int64_t j = 0; j < n; ++j) {
+                             b1[j] += d[j];
+                             b2[j] += d[j] * (v[j] - mm[j]);
+                           }
+                         });
+                   });
+}
+
+// Number of row chunks: one per thread for large inputs, one for small ones.
+int64_t row_tasks(int64_t rows, int64_t c) {
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t by_size = std::max<int64_t>(1, rows * c / kGrain);
+  return std::max<int64_t>(1, std::min({nt, by_size, rows}));
+}
+
+// Split [0, total) into `parts` nearly equal ranges; range i.
+inline void split(int64_t total, int64_t parts, int64_t i, int64_t& b, int64_t& e) {
+  const int64_t q = total / parts, r = total % parts;
+  b = i * q + std::min(i, r);
+  e = b + q + (i < r ? 1 : 0);
+}
+
+// Chunks per channel for NCS when there are fewer channels than threads: each channel's
+// N * S positions are split (across batch entries and within them).
+int64_t ncs_batch_tasks(const Geometry& g) {
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (nt == 1 || g.c >= 4 * nt) return 1;
+  const int64_t by_size = std::max<int64_t>(1, g.n * g.s / kGrain);
+  return std::max<int64_t>(1, std::min((4 * nt + g.c - 1) / g.c, by_size));
+}
+
+// Channels per parallel_for grain so each task has about kGrain values.
+int64_t channel_grain(const Geometry& g) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.n * g.s));
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, double eps,
+                        const Geometry& g, Tensor& y, Tensor& mean_out, Tensor& var_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
+  Raw<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  acc_t* mean_p = mean_out.mutable_data_ptr<acc_t>();
+  acc_t* var_p = var_out.mutable_data_ptr<acc_t>();
+  const int64_t C = g.c;
+  const double m = static_cast<double>(g.n) * static_cast<double>(g.s);
+
+  // Per-channel statistics from the shifted sums, and the affine coefficients.
+  auto finish = [&](int64_t ch, double k, double s1, double s2, double& mu, acc_t& scale,
+                    acc_t& shift) {
+    const double d = s1 / m;
+    mu = k + d;
+    const double biased_var = std::max(s2 / m - d * d, 0.0);
+    mean_p[ch] = static_cast<acc_t>(mu);
+    var_p[ch] = static_cast<acc_t>(biased_var);
+    // inv_std from the variance as returned (acc_t), as the autograd layer computes it.
+    const double stored_var = static_cast<acc_t>(biased_var);
+    const double inv_std = 1.0 / std::sqrt(stored_var + eps);
+    scale = static_cast<acc_t>(wp ? static_cast<double>(wp[ch]) * inv_std : inv_std);
+    shift = bp ? bp[ch] : acc_t(0);
+  };
+
+  if (g.layout == Layout::NCS) {
+    const int64_t nb = ncs_batch_tasks(g);
+    auto first = [&](int64_t ch) { return IO<scalar_t>::load(xp[ch * g.s]); };
+    if (nb == 1) {
+      // Fused per channel: statistics, then the output while the channel is in cache.
+      at::parallel_for(0, C, channel_grain(g), [&](int64_t c0, int64_t c1) {
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          const acc_t k = first(ch);
+          double s1, s2, mu;
+          acc_t scale, shift;
+          ncs_shifted_sums<scalar_t, acc_t>(xp, g, ch, 0, g.n * g.s, k, s1, s2);
+          finish(ch, k, s1, s2, mu, scale, shift);
+          ncs_normalize<scalar_t, acc_t>(xp, yp, g, ch, 0, g.n * g.s, MeanSplit<acc_t>(mu),
+                                         scale, shift);
+        }
+      });
+      return;
+    }
+    std::vector<double> p1(C * nb), p2(C * nb), mus(C);
+    std::vector<acc_t> scales(C), shifts(C);
+    at::parallel_for(0, C * nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t ch = t / nb, q0, q1;
+        split(g.n * g.s, nb, t % nb, q0, q1);
+        ncs_shifted_sums<scalar_t, acc_t>(xp, g, ch, q0, q1, first(ch), p1[t], p2[t]);
+      }
+    });
+    for (int64_t ch = 0; ch < C; ++ch) {
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < nb; ++i) {
+        s1 += p1[ch * nb + i];
+        s2 += p2[ch * nb + i];
+      }
+      finish(ch, first(ch), s1, s2, mus[ch], scales[ch], shifts[ch]);
+    }
+    at::parallel_for(0, C * nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t ch = t / nb, q0, q1;
+        split(g.n * g.s, nb, t % nb, q0, q1);
+        ncs_normalize<scalar_t, acc_t>(xp, yp, g, ch, q0, q1, MeanSplit<acc_t>(mus[ch]),
+                                       scales[ch], shifts[ch]);
+      }
+    });
+    return;
+  }
+
+  // RC: rows of C channels.
+  const int64_t rows = g.n * g.s;
+  const int64_t nt = row_tasks(rows, C);
+  const int64_t W = tile_width(C);
+  std::vector<acc_t> k(C);
+  for (int64_t ch = 0; ch < C; ++ch) k[ch] = IO<scalar_t>::load(xp[ch]);
+  const std::vector<acc_t> kt = tiled(k.data(), C, W);
+  std::vector<double> p1(nt * C, 0.0), p2(nt * C, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t r0, r1;
+      split(rows, nt, t, r0, r1);
+      rc_shifted_sums<scalar_t, acc_t>(xp, C, W, r0, r1, kt.data(), p1.data() + t * C,
+                                       p2.data() + t * C);
+    }
+  });
+  std::vector<acc_t> hi(C), lo(C), scales(C), shifts(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double s1 = 0, s2 = 0, mu;
+    for (int64_t t = 0; t < nt; ++t) {
+      s1 += p1[t * C + ch];
+      s2 += p2[t * C + ch];
+    }
+    finish(ch, k[ch], s1, s2, mu, scales[ch], shifts[ch]);
+    MeanSplit<acc_t> ms(mu);
+    hi[ch] = ms.hi;
+    lo[ch] = ms.lo;
+  }
+  const std::vector<acc_t> hi_t = tiled(hi.data(), C, W), lo_t = tiled(lo.data(), C, W);
+  const std::vector<acc_t> sc_t = tiled(scales.data(), C, W), sh_t = tiled(shifts.data(), C, W);
+  const acc_t* __restrict__ hp = hi_t.data();
+  const acc_t* __restrict__ lp = lo_t.data();
+  const acc_t* __restrict__ sp = sc_t.data();
+  const acc_t* __restrict__ tp = sh_t.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    const int64_t end = r1 * C;
+    for (int64_t p = r0 * C; p < end; p += W) {
+      const int64_t len = std::min(W, end - p);
+      Staging<scalar_t>::map1(
+          xp + p, yp + p, len,
+          [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+            const acc_t* __restrict__ h = hp + j0;
+            const acc_t* __restrict__ l = lp + j0;
+            const acc_t* __restrict__ sc = sp + j0;
+            const acc_t* __restrict__ sh = tp + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) out[j] = ((v[j] - h[j]) - l[j]) * sc[j] + sh[j];
+          });
+    }
+  });
+}
+
+// A per-channel (C,) vector as a contiguous acc_t tensor (undefined when absent).
+Tensor channel_vector(const c10::optional<Tensor>& t, at::ScalarType acc, int64_t c,
+                      const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->numel() == c && t->device().is_cpu(), "bnlab: ", name,
+              " must be a CPU tensor of ", c, " elements (one per channel), got shape ",
+              t->sizes(), " on ", t->device());
+  return t->to(acc).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_train_fwd(const Tensor& x_in,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps) {
+  TORCH_CHECK(x_in.dim() >= 2, "bnlab::bn_train_fwd: expected (N, C, *) input, got ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu(), "bnlab::bn_train_fwd: CPU tensors only");
+  const Tensor x = as_supported_layout(x_in);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t C = x.size(1);
+  Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  Tensor mean = at::empty({C}, x.options().dtype(acc));
+  Tensor var = at::empty({C}, x.options().dtype(acc));
+  const Geometry g = geometry_of(x);
+  TORCH_CHECK(g.n * g.s > 0 || C == 0, "bnlab::bn_train_fwd: empty batch");
+  if (x.numel() == 0) return {y, mean, var};
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor b = channel_vector(bias, acc, C, "bias");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_train_fwd", [&] {
+    train_forward_impl<scalar_t>(x, w, b, eps, g, y, mean, var);
+  });
+  return {y, mean, var};
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                   const Tensor& inv_std, const Geometry& g, Tensor& dx, Tensor& sum_dy_out,
+                   Tensor& sum_dyxhat_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
+  const Raw<scalar_t>* dp = raw_ptr<scalar_t>(dy);
+  Raw<scalar_t>* dxp = dx.defined() ? raw_mut_ptr<scalar_t>(dx) : nullptr;
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* ip = inv_std.const_data_ptr<acc_t>();
+  acc_t* sdy = sum_dy_out.mutable_data_ptr<acc_t>();
+  acc_t* sdx = sum_dyxhat_out.mutable_data_ptr<acc_t>();
+  const int64_t C = g.c;
+  const double m = static_cast<double>(g.n) * static_cast<double>(g.s);
+
+  // Coefficients of dx = k dy + a (x - mu) + b:
+  //   k = gamma * inv_std, a = -k inv_std^2 sum_dy_xmu / m, b = -k sum_dy / m.
+  auto coefs = [&](int64_t ch, double s_dy, double s_dyxmu, acc_t& k, acc_t& a, acc_t& b) {
+    sdy[ch] = static_cast<acc_t>(s_dy);
+    const double is = ip[ch];
+    sdx[ch] = static_cast<acc_t>(s_dyxmu * is);  // sum dy * xhat = dl/dgamma
+    const double kk = (wp ? static_cast<double>(wp[ch]) : 1.0) * is;
+    k = static_cast<acc_t>(kk);
+    a = static_cast<acc_t>(-kk * is * is * s_dyxmu / m);
+    b = static_cast<acc_t>(-kk * s_dy / m);
+  };
+
+  if (g.layout == Layout::NCS) {
+    const int64_t nb = ncs_batch_tasks(g);
+    if (nb == 1) {
+      at::parallel_for(0, C, channel_grain(g), [&](int64_t c0, int64_t c1) {
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          double s1, s2;
+          acc_t k, a, b;
+          ncs_grad_sums<scalar_t, acc_t>(dp, xp, g, ch, 0, g.n * g.s, mp[ch], s1, s2);
+          coefs(ch, s1, s2, k, a, b);
+          if (dxp) {
+            ncs_input_grad<scalar_t, acc_t>(dp, xp, dxp, g, ch, 0, g.n * g.s, mp[ch], k, a, b);
+          }
+        }
+      });
+      return;
+    }
+    std::vector<double> p1(C * nb), p2(C * nb);
+    std::vector<acc_t> ks(C), as(C), bs(C);
+    at::parallel_for(0, C * nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t ch = t / nb, q0, q1;
+        split(g.n * g.s, nb, t % nb, q0, q1);
+        ncs_grad_sums<scalar_t, acc_t>(dp, xp, g, ch, q0, q1, mp[ch], p1[t], p2[t]);
+      }
+    });
+    for (int64_t ch = 0; ch < C; ++ch) {
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < nb; ++i) {
+        s1 += p1[ch * nb + i];
+        s2 += p2[ch * nb + i];
+      }
+      coefs(ch, s1, s2, ks[ch], as[ch], bs[ch]);
+    }
+    if (!dxp) return;
+    at::parallel_for(0, C * nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t ch = t / nb, q0, q1;
+        split(g.n * g.s, nb, t % nb, q0, q1);
+        ncs_input_grad<scalar_t, acc_t>(dp, xp, dxp, g, ch, q0, q1, mp[ch], ks[ch], as[ch],
+                                        bs[ch]);
+      }
+    });
+    return;
+  }
+
+  const int64_t rows = g.n * g.s;
+  const int64_t nt = row_tasks(rows, C);
+  const int64_t W = tile_width(C);
+  const std::vector<acc_t> mu_t = tiled(mp, C, W);
+  std::vector<double> p1(nt * C, 0.0), p2(nt * C, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t r0, r1;
+      split(rows, nt, t, r0, r1);
+      rc_grad_sums<scalar_t, acc_t>(dp, xp, C, W, r0, r1, mu_t.data(), p1.data() + t * C,
+                                    p2.data() + t * C);
+    }
+  });
+  std::vector<acc_t> ks(C), as(C), bs(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double s1 = 0, s2 = 0;
+    for (int64_t t = 0; t < nt; ++t) {
+      s1 += p1[t * C + ch];
+      s2 += p2[t * C + ch];
+    }
+    coefs(ch, s1, s2, ks[ch], as[ch], bs[ch]);
+  }
+  if (!dxp) return;
+  const std::vector<acc_t> k_t = tiled(ks.data(), C, W), a_t = tiled(as.data(), C, W);
+  const std::vector<acc_t> b_t = tiled(bs.data(), C, W);
+  const acc_t* __restrict__ kp = k_t.data();
+  const acc_t* __restrict__ ap = a_t.data();
+  const acc_t* __restrict__ bp = b_t.data();
+  const acc_t* __restrict__ mup = mu_t.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    const int64_t end = r1 * C;
+    for (int64_t p = r0 * C; p < end; p += W) {
+      const int64_t len = std::min(W, end - p);
+      Staging<scalar_t>::map2(
+          dp + p, xp + p, dxp + p, len,
+          [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+              auto* __restrict__ out, int64_t n) {
+            const acc_t* __restrict__ kk = kp + j0;
+            const acc_t* __restrict__ aa = ap + j0;
+            const acc_t* __restrict__ bb = bp + j0;
+            const acc_t* __restrict__ mm = mup + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) out[j] = kk[j] * d[j] + aa[j] * (v[j] - mm[j]) + bb[j];
+          });
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad_y, const Tensor& x_in,
+                                          const c10::optional<Tensor>& weight,
+                                          const Tensor& mean, const Tensor& inv_std,
+                                          bool need_x) {
+  TORCH_CHECK(x_in.dim() >= 2 && grad_y.sizes() == x_in.sizes(),
+              "bnlab::bn_bwd: grad_y ", grad_y.sizes(), " and x ", x_in.sizes(),
+              " must have the same (N, C, *) shape");
+  TORCH_CHECK(x_in.device().is_cpu() && grad_y.device().is_cpu(),
+              "bnlab::bn_bwd: CPU tensors only");
+  const Tensor x = as_supported_layout(x_in);
+  const Tensor dy = like_layout(grad_y.to(x.scalar_type()), x);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t C = x.size(1);
+  Tensor dx = need_x ? at::empty_like(x, at::MemoryFormat::Preserve)
+                     : at::empty({0}, x.options());
+  Tensor sum_dy = at::empty({C}, x.options().dtype(acc));
+  Tensor sum_dyxhat = at::empty({C}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    sum_dy.zero_();
+    sum_dyxhat.zero_();
+    return {dx, sum_dyxhat, sum_dy};
+  }
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor mu = channel_vector(mean, acc, C, "mean");
+  const Tensor is = channel_vector(inv_std, acc, C, "inv_std");
+  const Geometry g = geometry_of(x);
+  Tensor dx_arg = need_x ? dx : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_bwd", [&] {
+    backward_impl<scalar_t>(dy, x, w, mu, is, g, dx_arg, sum_dy, sum_dyxhat);
+  });
+  return {dx, sum_dyxhat, sum_dy};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlab, m) {
+  m.def(
+      "bn_train_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor inv_std, bool need_x)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("bn_train_fwd", &bn_train_fwd);
+  m.impl("bn_bwd", &bn_bwd);
+}
+
+}  // namespace bnlab
