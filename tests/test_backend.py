@@ -501,3 +501,17 @@ def test_bench_command_smoke(tmp_path, capsys):
     assert all(r["ratio_to_torch"] > 0 for r in records)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--shapes", "6"])
+
+
+def test_an_overflowing_variance_gives_nan_as_the_pure_path():
+    """Values near float32's limit: the variance overflows; the output must be NaN on that
+    channel on both paths (a finite output there would hide a diverging run)."""
+    x = torch.randn(60, 4)
+    x[:, 2] *= 1e37
+    with backend.using("compiled"):
+        y, _, var = F.batch_norm_train_forward(x, None, None, 1e-5)
+    with backend.using("torch"):
+        y_pure, _, _ = F.batch_norm_train_forward(x, None, None, 1e-5)
+    assert not torch.isfinite(var[2])
+    assert torch.isnan(y[:, 2]).all() and torch.isnan(y_pure[:, 2]).all()
+    torch.testing.assert_close(y[:, [0, 1, 3]], y_pure[:, [0, 1, 3]])

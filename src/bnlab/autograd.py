@@ -1,11 +1,11 @@
 """The training-mode Batch Normalizing Transform as an autograd.Function.
 
-The forward and backward call the pure math of :mod:`bnlab.core` through two
-functions, :func:`bnlab.core.batch_norm_train_forward` and
-:func:`bnlab.core.batch_norm_backward`. They are the one narrow interface
-between the autograd layer and the hot path: a compiled backend replaces them
-without touching the modules. Dependencies run one way:
-``bnlab.functional -> bnlab.autograd -> bnlab.core``.
+The forward and backward go through two functions defined here,
+:func:`batch_norm_train_forward` and :func:`batch_norm_backward`: the one narrow
+interface between the autograd layer and the hot path. Each tries the compiled
+kernels of :mod:`bnlab.backend` first and runs the pure math of :mod:`bnlab.core`
+where they do not apply (see :mod:`bnlab.backend` for when). Dependencies run one
+way: ``bnlab.functional -> bnlab.autograd -> bnlab.backend, bnlab.core``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,38 @@ from torch import Tensor
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
+from bnlab import backend
 from bnlab import core as F
 
-__all__ = ["BatchNormTrainFunction", "batch_norm_train"]
+__all__ = [
+    "BatchNormTrainFunction",
+    "batch_norm_backward",
+    "batch_norm_train",
+    "batch_norm_train_forward",
+]
+
+
+def batch_norm_train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`bnlab.core.batch_norm_train_forward`, on the compiled kernels where they apply."""
+    out = backend.train_forward(x, weight, bias, eps)
+    return out if out is not None else F.batch_norm_train_forward(x, weight, bias, eps)
+
+
+def batch_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`bnlab.core.batch_norm_backward`, on the compiled kernels where they apply."""
+    out = backend.backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
+    if out is not None:
+        return out
+    return F.batch_norm_backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -42,7 +71,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        return F.batch_norm_train_forward(x, weight, bias, eps)
+        return batch_norm_train_forward(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -113,7 +142,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             mu_b, biased_var_b = F.compute_batch_stats(x)
             inv_std = torch.rsqrt(biased_var_b + ctx.eps)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = F.batch_norm_backward(
+        grad_x, grad_w, grad_b = batch_norm_backward(
             grad_y, x, weight, mu_b, inv_std, (need_x, need_w, need_b)
         )
         return grad_x, grad_w, grad_b, None

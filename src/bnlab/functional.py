@@ -22,10 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.autograd import batch_norm_train
+from bnlab.autograd import batch_norm_backward, batch_norm_train, batch_norm_train_forward
 from bnlab.core import (
-    batch_norm_backward,
-    batch_norm_train_forward,
     batch_renorm_affine,
     batch_renorm_backward,
     batch_renorm_correction,

@@ -1,9 +1,10 @@
 """The compiled CPU backend of the training-mode transform, and when it applies.
 
 :func:`train_forward` and :func:`backward` have the signatures of
-:func:`bnlab.core.batch_norm_train_forward` and :func:`bnlab.core.batch_norm_backward`
-(the narrow interface of the autograd layer, re-exported by :mod:`bnlab.functional`),
-which call them first, and return their result from the C++
+:func:`bnlab.core.batch_norm_train_forward` and :func:`bnlab.core.batch_norm_backward`.
+The autograd layer's narrow interface (:func:`bnlab.autograd.batch_norm_train_forward`
+and :func:`bnlab.autograd.batch_norm_backward`, re-exported by :mod:`bnlab.functional`)
+calls them first. They return their result from the C++
 kernels of ``bn_cpu.cpp`` (custom ops ``torch.ops.bnlab.bn_train_fwd`` and
 ``torch.ops.bnlab.bn_bwd``), or ``None`` where the compiled path does not apply and
 the pure-PyTorch path must run:
@@ -211,7 +212,15 @@ def train_forward(
     """
     if not _applies(x, weight, bias):
         return None
-    return torch.ops.bnlab.bn_train_fwd(x, weight, bias, float(eps))
+    y, mu_b, biased_var_b = torch.ops.bnlab.bn_train_fwd(x, weight, bias, float(eps))
+    if not torch.compiler.is_compiling():
+        # A variance that overflows (the kernels' float64 sums exceed the output dtype)
+        # gives inv_std = 0 and a finite, meaningless y; the pure path gives NaN there,
+        # as torch does, and NaN is what lets a diverging run be detected.
+        bad = ~torch.isfinite(biased_var_b)
+        if bool(bad.any()):
+            y = y.masked_fill(bad.view(1, -1, *([1] * (x.dim() - 2))), float("nan"))
+    return y, mu_b, biased_var_b
 
 
 def backward(
