@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -521,8 +522,11 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
     mean_p[ch] = static_cast<acc_t>(mu);
     var_p[ch] = static_cast<acc_t>(biased_var);
     // inv_std from the variance as returned (acc_t), as the autograd layer computes it.
+    // A variance that overflows acc_t gives NaN, as the pure-PyTorch path does (not the
+    // finite, meaningless output inv_std = 0 would give): NaN is what shows divergence.
     const double stored_var = static_cast<acc_t>(biased_var);
-    const double inv_std = 1.0 / std::sqrt(stored_var + eps);
+    const double inv_std = std::isfinite(stored_var) ? 1.0 / std::sqrt(stored_var + eps)
+                                                     : std::numeric_limits<double>::quiet_NaN();
     scale = static_cast<acc_t>(wp ? static_cast<double>(wp[ch]) * inv_std : inv_std);
     shift = bp ? bp[ch] : acc_t(0);
   };
