@@ -4,7 +4,8 @@ Each such experiment module defines ``Config`` (a dataclass), ``PRESETS``
 (name -> field overrides: ``"quick"`` and ``"full"``) and ``HELP`` (field -> help
 text); its options are derived from them here, so an experiment needs no CLI
 code of its own. Lists are given comma-separated (``--lrs 0.01,0.1``).
-Optionally it defines ``summary_lines(summary) -> list[str]``, printed at the end.
+At the end the command prints the module's ``summary_lines(summary)`` if it defines
+one, else the summary's ``"lines"`` (name -> text), one per line, names aligned.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def _add_parser(exps, command: str, module_name: str, summary: str) -> None:
     p.set_defaults(func=_run, module=module_name, command_name=command)
 
 
+def _summary_lines(module, summary: dict) -> list[str]:
+    if hasattr(module, "summary_lines"):
+        return module.summary_lines(summary)
+    lines = summary.get("lines", {})
+    width = max(map(len, lines), default=0)
+    return [f"{name:>{width}}: {text}" for name, text in lines.items()]
+
+
 def _run(args: argparse.Namespace) -> int:
     from bnlab.commands.run import run_from_cli
     from bnlab.data import MNISTDataError
@@ -142,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     if summary is None:  # a torchrun rank other than 0
         return 0
     if not args.quiet:
-        for line in getattr(module, "summary_lines", lambda s: [])(summary):
+        for line in _summary_lines(module, summary):
             print(line)
         print(f"report: {out / 'report.html'} (also report.md, summary.json and figures)")
     return 0

@@ -166,11 +166,6 @@ def describe(cfg: Config) -> list[str]:
     ]
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """What `bnlab reproduce batch-noise` prints at the end."""
-    return [f"{arm:>8}: {text}" for arm, text in summary["lines"].items()]
-
-
 # --------------------------------------------------------------------------
 # The statistics (pure functions on tensors; units on the last dim)
 # --------------------------------------------------------------------------

@@ -153,11 +153,6 @@ def describe(cfg: Config) -> list[str]:
     ]
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """What `bnlab reproduce batch-size` prints at the end."""
-    return [f"{norm:>6}: {text}" for norm, text in summary["lines"].items()]
-
-
 def after_training(cfg: Config, out: Path, records: list[dict]) -> list[dict]:
     """One ``settings`` record per run, so the report needs no naming convention."""
     return [

@@ -180,11 +180,6 @@ def describe(cfg: Config) -> list[str]:
     ]
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """What `bnlab reproduce shift` prints at the end."""
-    return [f"{arm:>14}: {text}" for arm, text in summary["lines"].items()]
-
-
 def build_arm_model(arm: str, cfg: Config) -> nn.Module:
     model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=parse_init(cfg.init))
     if arm != "none":
