@@ -215,3 +215,15 @@ def test_shift_probes_the_inception_network_at_its_relus(tmp_path):
         assert len(r["ics"]) > 5  # every convolution of the network
     report = (out / "report.md").read_text()
     assert ", Inception" in report and "ReLU inputs" in report
+
+
+@pytest.mark.slow
+def test_claims_written_into_a_run_folder_leave_its_report_alone(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "dropout"
+    shutil.copytree(runs / "dropout", run)
+    before = (run / "report.md").read_text()
+    assert main(["claims", str(run), "--out", str(run)]) == 0
+    assert (run / "report.md").read_text() == before
+    assert (run / "claims.md").exists() and (run / "claims.html").exists()

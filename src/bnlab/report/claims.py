@@ -139,9 +139,7 @@ def build_claims(run_dirs: list[str | Path], out: str | Path) -> dict:
     result = {"claims": table, "other": other, "runs": [str(r) for r in run_dirs]}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "claims.json", result)
-    write_documents(out, _markdown(result), "bnlab: the paper's claims, measured")
-    (out / "report.md").replace(out / "claims.md")
-    (out / "report.html").replace(out / "claims.html")
+    write_documents(out, _markdown(result), "bnlab: the paper's claims, measured", "claims")
     return result
 
 

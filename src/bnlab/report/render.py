@@ -69,8 +69,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_documents(run_dir: str | Path, markdown: str, title: str) -> list[Path]:
-    """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir``.
+def write_documents(
+    run_dir: str | Path, markdown: str, title: str, name: str = "report"
+) -> list[Path]:
+    """Write ``report.md`` and a self-contained ``report.html`` (or ``name``.md/.html)
+    into ``run_dir``.
 
     The HTML is our small Markdown subset (``#``/``##`` headings, ``-`` lists,
     ``|`` tables, ``**bold**``, backquoted code, ``![alt](file)`` image lines)
@@ -80,6 +83,7 @@ def write_documents(run_dir: str | Path, markdown: str, title: str) -> list[Path
     Args:
         run_dir: the run folder; image paths in ``markdown`` are relative to it.
         markdown: the text of report.md.
+        name: the two files' name: ``name.md`` and ``name.html``.
         title: the HTML page's ``<title>``.
 
     Returns:
@@ -89,7 +93,7 @@ def write_documents(run_dir: str | Path, markdown: str, title: str) -> list[Path
         ReportError: an image is missing or of a type we cannot inline.
     """
     run_dir = Path(run_dir)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = run_dir / f"{name}.md", run_dir / f"{name}.html"
     atomic_write_text(md_path, markdown)
     atomic_write_text(html_path, _html(markdown, title, run_dir))
     return [md_path, html_path]
