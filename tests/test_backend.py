@@ -243,9 +243,14 @@ def test_multithreaded_equals_single_threaded(shape, channels_last):
 
 
 def _count_compiled_calls(monkeypatch) -> dict[str, int]:
-    """Count the backend's calls that returned a compiled result."""
-    counts = {"forward": 0, "backward": 0}
+    """Count the backend's calls that returned a compiled result.
+
+    ``step`` counts the modules' one-call training forward (``backend.train_step``),
+    whose backward runs in C++ (its grad_fn is a CppNode, checked where it matters).
+    """
+    counts = {"forward": 0, "backward": 0, "step": 0, "eval": 0}
     fwd, bwd = backend.train_forward, backend.backward
+    step, ev = backend.train_step, backend.eval_forward
 
     def counted(fn, key):
         def wrapper(*args, **kwargs):
@@ -257,7 +262,12 @@ def _count_compiled_calls(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(backend, "train_forward", counted(fwd, "forward"))
     monkeypatch.setattr(backend, "backward", counted(bwd, "backward"))
+    monkeypatch.setattr(backend, "train_step", counted(step, "step"))
+    monkeypatch.setattr(backend, "eval_forward", counted(ev, "eval"))
     return counts
+
+
+COMPILED_NODE = "CppNode<bnlab::(anonymous namespace)::TrainFunction>"
 
 
 @pytest.mark.parametrize(
@@ -288,6 +298,7 @@ def test_modules_on_compiled_path_match_torch(
             x = _channels_last(x)
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
         ys = [ours(xs[0]), ref(xs[1])]
+        assert ys[0].grad_fn.name().endswith(COMPILED_NODE)  # the C++ backward runs
         g = torch.randn(shape, dtype=torch.float64)
         g_ours = torch.autograd.grad(ys[0], (xs[0], ours.weight, ours.bias), g)
         g_ref = torch.autograd.grad(ys[1], (xs[1], ref.weight, ref.bias), g)
@@ -296,11 +307,14 @@ def test_modules_on_compiled_path_match_torch(
             assert _max_err(a, b) < 1e-10
     for a, b in zip(ours.buffers(), ref.buffers()):
         assert _max_err(a, b) < 1e-10
-    assert counts["forward"] >= 3 and counts["backward"] >= 3, counts
+    assert counts["step"] == 3, counts
     ours.eval()
     ref.eval()
     x = torch.randn(*shape, dtype=torch.float64)
-    assert _max_err(ours(x), ref(x)) < 1e-10
+    assert _max_err(ours(x), ref(x)) < 1e-10  # with grad mode on: the differentiable path
+    with torch.no_grad():
+        assert _max_err(ours(x), ref(x)) < 1e-10
+    assert counts["eval"] == 1, counts
 
 
 # forward_ad.make_dual loads torch's jit-scripted jvp decompositions on first use.
@@ -515,3 +529,238 @@ def test_an_overflowing_variance_gives_nan_as_the_pure_path():
     assert not torch.isfinite(var[2])
     assert torch.isnan(y[:, 2]).all() and torch.isnan(y_pure[:, 2]).all()
     torch.testing.assert_close(y[:, [0, 1, 3]], y_pure[:, [0, 1, 3]])
+
+
+# --------------------------------------------------------------------------
+# The modules' one-call training step (bnlab::bn_train) and inference (bnlab::bn_eval)
+# --------------------------------------------------------------------------
+
+
+def _module_pair(cls, c, **kwargs):
+    """Two identical modules with random gamma, beta and running statistics."""
+    a = cls(c, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        for t in a.parameters():
+            t.copy_(torch.randn(c))
+        if a.track_running_stats:
+            a.running_mean.copy_(torch.randn(c))
+            a.running_var.copy_(torch.rand(c) + 0.5)
+    b = cls(c, dtype=torch.float64, **kwargs)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "cls,shape,layout",
+    [
+        (bnn.BatchNorm1d, (60, 100), "contiguous"),
+        (bnn.BatchNorm1d, (5, 17, 3), "strided"),
+        (bnn.BatchNorm2d, (4, 6, 5, 7), "contiguous"),
+        (bnn.BatchNorm2d, (4, 6, 5, 7), "channels_last"),
+        (bnn.BatchNorm3d, (2, 3, 3, 4, 2), "contiguous"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": None}, {"affine": False}, {"bias": False}, {"track_running_stats": False}],
+    ids=str,
+)
+def test_train_step_matches_the_pure_path(cls, shape, layout, kwargs, monkeypatch):
+    """Outputs, every gradient, running statistics and the batch count over 3 steps, the
+    one-call C++ step against the Python Function on the pure path (float64)."""
+    counts = _count_compiled_calls(monkeypatch)
+    fast, pure = _module_pair(cls, shape[1], **kwargs)
+    for _ in range(3):
+        x = LAYOUTS[layout](torch.randn(*shape, dtype=torch.float64) * 2 + 1)
+        g = torch.randn(shape, dtype=torch.float64)
+        outs = []
+        for module, mode in ((fast, "compiled"), (pure, "torch")):
+            xi = x.clone().requires_grad_()
+            with backend.using(mode):
+                y = module(xi)
+            leaves = [xi, *module.parameters()]
+            outs.append((y, *torch.autograd.grad(y, leaves, g)))
+        assert outs[0][0].grad_fn.name().endswith(COMPILED_NODE)
+        assert not outs[1][0].grad_fn.name().endswith(COMPILED_NODE)
+        for a, b in zip(*outs):
+            assert _max_err(a, b) < 1e-10
+    assert counts["step"] == 3
+    for (name, a), b in zip(fast.named_buffers(), pure.buffers()):
+        assert torch.equal(a, b) if a.dtype == torch.long else _max_err(a, b) < 1e-12, name
+
+
+def test_train_step_leaves_non_finite_channels_and_warns_once():
+    """A NaN in channel 1: its running statistics stay, the others update, one warning
+    naming the layer; the count of skipped channels comes from the kernel."""
+    model = nn.Sequential(nn.Identity(), bnn.BatchNorm1d(4))
+    bn = model[1]
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    with backend.using("compiled"):
+        step = backend.train_step(x, None, None, torch.zeros(4), torch.ones(4), None, 0.1, 1e-5)
+        assert step[3] == 1
+        with pytest.warns(RuntimeWarning, match=r"BN layer '1'.*1 channel\(s\) \[1\]"):
+            model(x)
+        before = bn.running_mean.clone()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per layer
+            model(x)
+    assert bn.running_mean[1] == 0 and bn.running_var[1] == 1
+    assert (bn.running_mean[[0, 2, 3]] != before[[0, 2, 3]]).all()
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_train_step_double_backward_and_batched_grads():
+    """create_graph=True and is_grads_batched take the C++ node's differentiable branch."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def f(x, w, b):
+        y = F.batch_norm(x, rm, rv, w, b, training=True)
+        assert y.grad_fn.name().endswith(COMPILED_NODE)
+        return y
+
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
+
+
+def test_train_step_under_inference_mode_and_checkpointing():
+    bn = bnn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():  # tensors without the Autograd key: the CPU kernel
+        y = bn(x)
+    assert y.shape == x.shape and int(bn.num_batches_tracked) == 1
+    ref = nn.BatchNorm2d(3)
+    ref(x)
+    assert _max_err(bn.running_var, ref.running_var) < 1e-6
+    # A checkpointed recomputation runs the forward again, but counts the batch once.
+    xg = x.clone().requires_grad_()
+    y = torch.utils.checkpoint.checkpoint(bn, xg, use_reentrant=False)
+    y.sum().backward()
+    assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", [(60, 100), (4, 3, 5, 5), (8, 3, 33, 17), (2, 1, 7)], ids=str)
+def test_eval_kernel_matches_torch(shape, layout, monkeypatch):
+    counts = _count_compiled_calls(monkeypatch)
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    ref = cls(shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for t in (ref.weight, ref.bias, ref.running_mean):
+            t.copy_(torch.randn(shape[1]))
+        ref.running_var.copy_(torch.rand(shape[1]) + 0.1)
+    ours = {nn.BatchNorm1d: bnn.BatchNorm1d, nn.BatchNorm2d: bnn.BatchNorm2d}[cls](shape[1])
+    ours = ours.double()
+    ours.load_state_dict(ref.state_dict())
+    ours.eval(), ref.eval()
+    x = LAYOUTS[layout](torch.randn(*shape, dtype=torch.float64) * 3 + 1)
+    with torch.no_grad(), backend.using("compiled"):
+        y = ours(x)
+    assert counts["eval"] == 1
+    assert _max_err(y, ref(x)) < 1e-12
+    if layout == "channels_last" and x.dim() == 4:
+        assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 8e-2), (torch.float16, 1e-2)]
+)
+def test_eval_kernel_precision(dtype, tol):
+    """|E[x]| = 1e4 std in float32: the mean is subtracted before scaling; low-precision
+    inputs are computed in float32 (tolerances: a few ulps of the output dtype)."""
+    c = 8
+    mean = 1e4 if dtype == torch.float32 else 2.0
+    x64 = torch.randn(16, c, 6, 6, dtype=torch.float64) + mean
+    rm, rv = torch.full((c,), mean), torch.ones(c)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    with torch.no_grad():
+        y = backend.eval_forward(x64.to(dtype), rm, rv, w, b, 1e-5)
+    view = (1, -1, 1, 1)
+    ref = (x64.to(dtype).double() - mean) / (1 + 1e-5) ** 0.5 * w.double().view(view)
+    ref = ref + b.double().view(view)
+    assert y.dtype == dtype and _max_err(y, ref) < tol * 4
+
+
+def test_new_ops_schemas_and_fake_kernels():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bnlab.bn_eval.default, (x, w, b, rm, rv, 1e-5))
+    args = (x.requires_grad_(), w, b, rm, rv, torch.tensor(0), 0.1, 1e-5)
+    torch.library.opcheck(
+        torch.ops.bnlab.bn_train.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_native_route_matches_the_pure_path(affine, dtype):
+    """CUDA's route (torch's fused kernels, backend.native), run on the CPU."""
+    from bnlab import core
+    from bnlab.backend import native
+
+    x = torch.randn(8, 3, 5, 4, dtype=torch.float64).to(dtype)
+    c = x.shape[1]
+    w = torch.rand(c, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(c, dtype=torch.float64) if affine else None
+    if dtype != torch.float64 and affine:
+        w, b = w.float(), b.float()
+    y, mu, var = native.train_forward(x, w, b, 1e-5)
+    y_ref, mu_ref, var_ref = core.batch_norm_train_forward(x, w, b, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 4e-3
+    assert y.dtype == x.dtype and mu.dtype == mu_ref.dtype and var.dtype == var_ref.dtype
+    for a, r in ((y, y_ref), (mu, mu_ref), (var, var_ref)):
+        assert _max_err(a, r) < tol
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    inv_std = torch.rsqrt(var_ref + 1e-5)
+    grads = native.backward(g, x, w, mu_ref, inv_std, (True, True, True))
+    refs = core.batch_norm_backward(g, x, w, mu_ref, inv_std, (True, True, True))
+    for a, r in zip(grads, refs):
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert _max_err(a, r) < tol * 10
+    rm, rv = torch.randn(c).to(mu.dtype), (torch.rand(c) + 0.5).to(mu.dtype)
+    y = native.eval_forward(x, rm, rv, w, b, 1e-5)
+    y_ref = core.normalize(x, rm, torch.rsqrt(rv + 1e-5), w, b)
+    assert _max_err(y, y_ref) < tol
+
+
+@pytest.mark.cuda
+def test_cuda_modules_take_torchs_kernels_and_match_torch():
+    """On a GPU: the native route runs (counted) and matches torch.nn.BatchNorm2d."""
+    assert backend.describe("cuda").startswith("native")
+    calls = []
+    real = backend.native.train_forward
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    backend.native.train_forward = counted
+    try:
+        ours, ref = bnn.BatchNorm2d(16).cuda(), nn.BatchNorm2d(16).cuda()
+        for _ in range(2):
+            x = torch.randn(8, 16, 12, 12, device="cuda") * 2 + 1
+            xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+            ys = [ours(xs[0]), ref(xs[1])]
+            g = torch.randn_like(x)
+            ga = torch.autograd.grad(ys[0], (xs[0], ours.weight, ours.bias), g)
+            gb = torch.autograd.grad(ys[1], (xs[1], ref.weight, ref.bias), g)
+            assert _max_err(ys[0], ys[1]) < 1e-4
+            for a, b in zip(ga, gb):
+                assert _max_err(a, b) < 1e-3
+        assert _max_err(ours.running_var, ref.running_var) < 1e-5
+        ours.eval(), ref.eval()
+        with torch.no_grad():
+            assert _max_err(ours(x), ref(x)) < 1e-4
+    finally:
+        backend.native.train_forward = real
+    assert len(calls) == 2

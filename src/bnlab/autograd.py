@@ -21,8 +21,10 @@ from bnlab import core as F
 __all__ = [
     "BatchNormTrainFunction",
     "batch_norm_backward",
+    "batch_norm_inference",
     "batch_norm_train",
     "batch_norm_train_forward",
+    "batch_norm_train_step",
 ]
 
 
@@ -47,6 +49,57 @@ def batch_norm_backward(
     if out is not None:
         return out
     return F.batch_norm_backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
+
+
+def batch_norm_train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, int] | None:
+    """Algorithm 1 with its backward, and the running-statistics update of Algorithm 2
+    (step 10), in one compiled call where the kernels apply; None elsewhere.
+
+    The hot path of a BN layer in training: on a small input (the paper's (60, 100)
+    MNIST layer) per-call overhead, not arithmetic, is the cost, and this call has one
+    op and a C++ autograd node instead of a Python Function and a handful of small ops.
+    Where it returns None the caller runs :func:`batch_norm_train` and
+    :func:`bnlab.core.update_running_stats`, the same math (see
+    :func:`bnlab.backend.train_step`).
+
+    Returns:
+        ``(y, mu_b, biased_var_b, n_skipped)`` or None.
+    """
+    return backend.train_step(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+    )
+
+
+def batch_norm_inference(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """The fixed affine map of Algorithm 2, step 11, on the compiled kernels where they
+    apply (no gradient needed), else :func:`bnlab.core.normalize`.
+
+    ``gamma * (x - E[x]) * inv_std + beta``: subtracting the mean first keeps the
+    precision that ``scale * x + shift`` loses to cancellation when |E[x]| >> std
+    (1e-3 off in float32 at |E[x]|/std = 1e4).
+    """
+    y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if y is not None:
+        return y
+    cdt = F.compute_dtype(x.dtype)
+    inv_std = torch.rsqrt(running_var.to(cdt) + eps)
+    return F.normalize(x, running_mean.to(cdt), inv_std, weight, bias)
 
 
 class BatchNormTrainFunction(torch.autograd.Function):

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.autograd import batch_norm_backward, batch_norm_train, batch_norm_train_forward
+from bnlab.autograd import (
+    batch_norm_backward,
+    batch_norm_inference,
+    batch_norm_train,
+    batch_norm_train_forward,
+    batch_norm_train_step,
+)
 from bnlab.core import (
     batch_renorm_affine,
     batch_renorm_backward,
@@ -159,6 +165,19 @@ def batch_norm_tracked(
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
     if training:
+        step = batch_norm_train_step(
+            input, weight, bias, running_mean, running_var, None, momentum, eps
+        )
+        if step is not None:  # the compiled kernels, running statistics included
+            y, mu_b, biased_var_b, n_skipped = step
+            if running_mean is None and running_var is None:
+                return y, None
+            skipped = (
+                ~torch.isfinite(mu_b + biased_var_b)
+                if n_skipped
+                else torch.zeros(mu_b.shape, dtype=torch.bool)
+            )
+            return y, skipped
         y, mu_b, biased_var_b = batch_norm_train(input, weight, bias, eps)
         if running_mean is None and running_var is None:
             return y, None
@@ -176,12 +195,8 @@ def batch_norm_tracked(
             "batch_norm in eval mode (training=False) needs running_mean and running_var; "
             "pass them, or use training=True to normalize with batch statistics"
         )
-    # Algorithm 2, step 11, as gamma * (x - E[x]) * inv_std + beta: subtracting the
-    # mean first keeps the precision that scale * x + shift loses to cancellation
-    # when |E[x]| >> std (1e-3 off in float32 at |E[x]|/std = 1e4).
-    cdt = compute_dtype(input.dtype)
-    inv_std = torch.rsqrt(running_var.to(cdt) + eps)
-    return normalize(input, running_mean.to(cdt), inv_std, weight, bias), None
+    # Algorithm 2, step 11: gamma * (x - E[x]) * inv_std + beta.
+    return batch_norm_inference(input, running_mean, running_var, weight, bias, eps), None
 
 
 def _check_channel_sizes(

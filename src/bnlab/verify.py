@@ -221,8 +221,7 @@ def format_table(results: list[CheckResult], device: str) -> str:
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [
         f"bnlab verify on {device} (torch {torch.__version__})",
-        "backend: "
-        + (backend.describe() if device == "cpu" else "torch (CUDA runs the pure-PyTorch path)"),
+        "backend: " + backend.describe(device),
         "",
         line.format(*head),
         "  ".join("-" * w for w in widths),

@@ -1,21 +1,24 @@
-"""The compiled CPU backend of the training-mode transform, and when it applies.
+"""The kernels batch normalization runs on, and when they apply.
 
 :func:`train_forward` and :func:`backward` have the signatures of
-:func:`bnlab.core.batch_norm_train_forward` and :func:`bnlab.core.batch_norm_backward`.
-The autograd layer's narrow interface (:func:`bnlab.autograd.batch_norm_train_forward`
-and :func:`bnlab.autograd.batch_norm_backward`, re-exported by :mod:`bnlab.functional`)
-calls them first. They return their result from the C++
-kernels of ``bn_cpu.cpp`` (custom ops ``torch.ops.bnlab.bn_train_fwd`` and
-``torch.ops.bnlab.bn_bwd``), or ``None`` where the compiled path does not apply and
-the pure-PyTorch path must run:
+:func:`bnlab.core.batch_norm_train_forward` and :func:`bnlab.core.batch_norm_backward`;
+:func:`eval_forward` is inference BN (Algorithm 2, step 11) and :func:`train_step` a
+module's whole training forward (with the running-statistics update and a C++ autograd
+node) in one call. The autograd layer (:mod:`bnlab.autograd`, re-exported by
+:mod:`bnlab.functional`) calls them first. They return their result from
 
-* ``BNLAB_BACKEND=torch``;
-* tensors not on the CPU (CUDA runs torch's own kernels through the pure path);
+* CPU tensors: the C++ kernels of ``bn_cpu.cpp`` (custom ops ``torch.ops.bnlab.*``);
+* CUDA tensors: torch's own fused kernels (:mod:`bnlab.backend.native`);
+
+or ``None`` where neither applies and the pure-PyTorch path of :mod:`bnlab.core` must run:
+
+* ``BNLAB_BACKEND=torch``; devices other than CPU and CUDA;
 * dtypes other than float32, float64, float16, bfloat16; empty inputs;
 * functorch-transformed tensors (vmap, jvp, grad) and forward-mode dual tensors,
   which need the autograd.Function's own vmap/jvp rules;
 * autograd recording (``requires_grad`` input with grad mode on: double backward),
-  because the custom ops have no derivative of their own.
+  because the custom ops have no derivative of their own (``train_step`` records
+  its own node and is the exception).
 
 ``BNLAB_BACKEND`` (read once per process) selects the path: ``compiled`` (an error,
 naming the cause, when the kernels cannot be built), ``torch`` (never build), or
@@ -40,16 +43,18 @@ from torch import Tensor
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
-from bnlab.backend import build
+from bnlab.backend import build, native
 
 __all__ = [
     "BackendUnavailableError",
     "backward",
     "describe",
+    "eval_forward",
     "is_available",
     "mode",
     "set_backend",
     "train_forward",
+    "train_step",
     "using",
 ]
 
@@ -172,11 +177,9 @@ def _compiled_ready() -> bool:
     return False
 
 
-def _plain_cpu(tensors: tuple[Tensor | None, ...]) -> bool:
-    """Tensors the custom ops may take: on the CPU, not functorch-wrapped (vmap, grad,
-    jvp), without a forward-AD tangent. Cheap when no transform is active."""
-    if not all(t is None or t.is_cpu for t in tensors):
-        return False
+def _plain(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Tensors a kernel may take: not functorch-wrapped (vmap, grad, jvp), without a
+    forward-AD tangent. Cheap when no transform is active."""
     if torch.compiler.is_compiling():
         return True  # traced with fake tensors; the ops' fake kernels apply
     if _functorch.maybe_current_level() is not None and any(  # a transform is active
@@ -190,27 +193,40 @@ def _plain_cpu(tensors: tuple[Tensor | None, ...]) -> bool:
     return True
 
 
-def _applies(x: Tensor, *others: Tensor | None) -> bool:
+def _plain_cpu(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Plain tensors (see :func:`_plain`), all on the CPU."""
+    return all(t is None or t.is_cpu for t in tensors) and _plain(tensors)
+
+
+def _route(x: Tensor, *others: Tensor | None) -> str | None:
+    """Which kernels take this call: ``"compiled"`` (ours, CPU), ``"native"`` (torch's
+    fused kernels, CUDA) or None (the pure-PyTorch path of :mod:`bnlab.core`)."""
     if x.dtype not in SUPPORTED_DTYPES or x.dim() < 2 or x.numel() == 0:
-        return False
+        return None
     tensors = (x, *others)
-    if not _plain_cpu(tensors):
-        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return _compiled_ready()
+        return None  # recording autograd (double backward): the differentiable pure path
+    if x.is_cpu:
+        return "compiled" if _plain_cpu(tensors) and _compiled_ready() else None
+    if x.is_cuda and mode() != "torch" and _plain(tensors):
+        if all(t is None or t.device == x.device for t in others):
+            return "native"
+    return None
 
 
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Training-mode forward (Algorithm 1) by the kernels, or None where they do not apply.
+    """Training-mode forward (Algorithm 1) by the kernels, or None where none apply.
 
     Returns:
         ``(y, mu_b, biased_var_b)`` as :func:`bnlab.core.batch_norm_train_forward`,
         or None.
     """
-    if not _applies(x, weight, bias):
+    route = _route(x, weight, bias)
+    if route == "native":
+        return native.train_forward(x, weight, bias, eps)
+    if route is None:
         return None
     return torch.ops.bnlab.bn_train_fwd(x, weight, bias, float(eps))
 
@@ -229,7 +245,10 @@ def backward(
         ``(grad_x, grad_weight, grad_bias)`` as :func:`bnlab.core.batch_norm_backward`,
         or None.
     """
-    if grad_y.shape != x.shape or not _applies(x, grad_y, weight, mu_b, inv_std):
+    route = None if grad_y.shape != x.shape else _route(x, grad_y, weight, mu_b, inv_std)
+    if route == "native":
+        return native.backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
+    if route is None:
         return None
     need_x, need_w, need_b = needs_input_grad
     grad_x, sum_dy_xhat, sum_dy = torch.ops.bnlab.bn_bwd(grad_y, x, weight, mu_b, inv_std, need_x)
@@ -240,11 +259,94 @@ def backward(
     return (grad_x if need_x else None), grad_w, grad_b
 
 
-def describe() -> str:
-    """One line naming the backend CPU training-mode BN runs on in this process."""
+def _buffer_ok(t: Tensor | None, x: Tensor) -> bool:
+    """A per-channel buffer the kernels may read or update in place."""
+    return t is None or (
+        t.is_contiguous() and t.numel() == x.shape[1] and t.dtype in SUPPORTED_DTYPES
+    )
+
+
+def train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, int] | None:
+    """A BN layer's whole training forward in one compiled call, or None where it does not apply.
+
+    ``torch.ops.bnlab.bn_train`` runs Algorithm 1, records a C++ autograd node (its
+    backward is the ``bn_bwd`` kernel; a differentiable re-derivation for double
+    backward and batched gradients), increments ``num_batches_tracked`` and updates the
+    running statistics in place as :func:`bnlab.core.update_running_stats` does
+    (``momentum`` None: the cumulative average ``1 / num_batches_tracked``). Pass None
+    buffers for a forward that must not update them.
+
+    It applies where :func:`train_forward` does, with autograd recording allowed, but
+    not while ``torch.compile`` traces (the Python path is what it traces).
+
+    Returns:
+        ``(y, mu_b, biased_var_b, n_skipped)``: n_skipped counts the channels whose
+        running statistics were left unchanged because their batch statistics were not
+        finite.
+    """
+    if x.dtype not in SUPPORTED_DTYPES or x.dim() < 2 or x.numel() == 0:
+        return None
+    if torch.compiler.is_compiling() or not _plain_cpu((x, weight, bias)):
+        return None
+    if running_mean is not None or running_var is not None:
+        if not (
+            _buffer_ok(running_mean, x)
+            and _buffer_ok(running_var, x)
+            and _plain_cpu((running_mean, running_var, num_batches_tracked))
+        ):
+            return None
+        if (
+            running_mean is not None
+            and running_var is not None
+            and running_mean.dtype != running_var.dtype
+        ):
+            return None
+    if not _compiled_ready():
+        return None
+    return torch.ops.bnlab.bn_train(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, float(eps)
+    )
+
+
+def eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """Inference BN (Algorithm 2, step 11) by the kernels, or None where they do not apply.
+
+    Only where no gradient is needed (``torch.no_grad``, inference, or no input that
+    requires grad): the op has no derivative, and the Python path's is exact.
+    """
+    route = _route(x, running_mean, running_var, weight, bias)
+    if route == "native":
+        return native.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if route is None:
+        return None
+    return torch.ops.bnlab.bn_eval(x, weight, bias, running_mean, running_var, float(eps))
+
+
+def describe(device: str = "cpu") -> str:
+    """One line naming the kernels BN runs on for tensors on ``device`` in this process."""
     wanted = mode()
     if wanted == "torch":
         return "torch (pure PyTorch; BNLAB_BACKEND=torch)"
+    if torch.device(device).type == "cuda":
+        return "native (torch's fused CUDA kernels: native_batch_norm and its backward)"
+    if torch.device(device).type != "cpu":
+        return f"torch (pure PyTorch: no kernels for {device})"
     if _load():
         how = (
             f"built in {_state.build_seconds:.1f} s"
@@ -273,6 +375,11 @@ def _fake_bwd(grad_y, x, weight, mean, inv_std, need_x: bool):
     return grad_x, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
+def _fake_eval(x, weight, bias, running_mean, running_var, eps: float):
+    return torch.empty_like(x)
+
+
 def _register_fakes() -> None:
     torch.library.register_fake("bnlab::bn_train_fwd")(_fake_train_fwd)
     torch.library.register_fake("bnlab::bn_bwd")(_fake_bwd)
+    torch.library.register_fake("bnlab::bn_eval")(_fake_eval)

@@ -31,12 +31,14 @@
 // subtracts the mean as a float64 value split into two acc_t parts (hi + lo), so
 // large-mean inputs keep their precision.
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -496,13 +498,44 @@ int64_t channel_grain(const Geometry& g) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.n * g.s));
 }
 
+// The RC output pass: y = ((x - hi) - lo) * scale + shift per channel, over all rows.
+template <typename scalar_t, typename acc_t>
+void rc_normalize(const Raw<scalar_t>* __restrict__ xp, Raw<scalar_t>* __restrict__ yp,
+                  int64_t rows, int64_t C, const acc_t* hi, const acc_t* lo, const acc_t* scales,
+                  const acc_t* shifts) {
+  const int64_t W = tile_width(C);
+  const std::vector<acc_t> hi_t = tiled(hi, C, W), lo_t = tiled(lo, C, W);
+  const std::vector<acc_t> sc_t = tiled(scales, C, W), sh_t = tiled(shifts, C, W);
+  const acc_t* __restrict__ hp = hi_t.data();
+  const acc_t* __restrict__ lp = lo_t.data();
+  const acc_t* __restrict__ sp = sc_t.data();
+  const acc_t* __restrict__ tp = sh_t.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    const int64_t end = r1 * C;
+    for (int64_t p = r0 * C; p < end; p += W) {
+      const int64_t len = std::min(W, end - p);
+      Staging<scalar_t>::map1(
+          xp + p, yp + p, len,
+          [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+            const acc_t* __restrict__ h = hp + j0;
+            const acc_t* __restrict__ l = lp + j0;
+            const acc_t* __restrict__ sc = sp + j0;
+            const acc_t* __restrict__ sh = tp + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) out[j] = ((v[j] - h[j]) - l[j]) * sc[j] + sh[j];
+          });
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 
 template <typename scalar_t>
 void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, double eps,
-                        const Geometry& g, Tensor& y, Tensor& mean_out, Tensor& var_out) {
+                        const Geometry& g, Tensor& y, Tensor& mean_out, Tensor& var_out,
+                        Tensor& inv_std_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
   Raw<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
@@ -510,6 +543,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
   const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
   acc_t* mean_p = mean_out.mutable_data_ptr<acc_t>();
   acc_t* var_p = var_out.mutable_data_ptr<acc_t>();
+  acc_t* inv_p = inv_std_out.mutable_data_ptr<acc_t>();
   const int64_t C = g.c;
   const double m = static_cast<double>(g.n) * static_cast<double>(g.s);
 
@@ -527,6 +561,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
     const double stored_var = static_cast<acc_t>(biased_var);
     const double inv_std = std::isfinite(stored_var) ? 1.0 / std::sqrt(stored_var + eps)
                                                      : std::numeric_limits<double>::quiet_NaN();
+    inv_p[ch] = static_cast<acc_t>(inv_std);
     scale = static_cast<acc_t>(wp ? static_cast<double>(wp[ch]) * inv_std : inv_std);
     shift = bp ? bp[ch] : acc_t(0);
   };
@@ -605,43 +640,27 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
     hi[ch] = ms.hi;
     lo[ch] = ms.lo;
   }
-  const std::vector<acc_t> hi_t = tiled(hi.data(), C, W), lo_t = tiled(lo.data(), C, W);
-  const std::vector<acc_t> sc_t = tiled(scales.data(), C, W), sh_t = tiled(shifts.data(), C, W);
-  const acc_t* __restrict__ hp = hi_t.data();
-  const acc_t* __restrict__ lp = lo_t.data();
-  const acc_t* __restrict__ sp = sc_t.data();
-  const acc_t* __restrict__ tp = sh_t.data();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
-    const int64_t end = r1 * C;
-    for (int64_t p = r0 * C; p < end; p += W) {
-      const int64_t len = std::min(W, end - p);
-      Staging<scalar_t>::map1(
-          xp + p, yp + p, len,
-          [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
-            const acc_t* __restrict__ h = hp + j0;
-            const acc_t* __restrict__ l = lp + j0;
-            const acc_t* __restrict__ sc = sp + j0;
-            const acc_t* __restrict__ sh = tp + j0;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) out[j] = ((v[j] - h[j]) - l[j]) * sc[j] + sh[j];
-          });
-    }
-  });
+  rc_normalize<scalar_t, acc_t>(xp, yp, rows, C, hi.data(), lo.data(), scales.data(),
+                                shifts.data());
 }
 
 // A per-channel (C,) vector as a contiguous acc_t tensor (undefined when absent).
-Tensor channel_vector(const c10::optional<Tensor>& t, at::ScalarType acc, int64_t c,
-                      const char* name) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->numel() == c && t->device().is_cpu(), "bnlab: ", name,
+Tensor channel_vector(const Tensor& t, at::ScalarType acc, int64_t c, const char* name) {
+  if (!t.defined()) return Tensor();
+  TORCH_CHECK(t.numel() == c && t.device().is_cpu(), "bnlab: ", name,
               " must be a CPU tensor of ", c, " elements (one per channel), got shape ",
-              t->sizes(), " on ", t->device());
-  return t->to(acc).contiguous();
+              t.sizes(), " on ", t.device());
+  return t.to(acc).contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_train_fwd(const Tensor& x_in,
-                                                const c10::optional<Tensor>& weight,
-                                                const c10::optional<Tensor>& bias, double eps) {
+Tensor channel_vector(const c10::optional<Tensor>& t, at::ScalarType acc, int64_t c,
+                      const char* name) {
+  return channel_vector(t.value_or(Tensor()), acc, c, name);
+}
+
+// The training forward: (y, mu_b, biased_var_b, inv_std), inv_std = 1/sqrt(var + eps).
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(const Tensor& x_in, const Tensor& weight,
+                                                         const Tensor& bias, double eps) {
   TORCH_CHECK(x_in.dim() >= 2, "bnlab::bn_train_fwd: expected (N, C, *) input, got ",
               x_in.sizes());
   TORCH_CHECK(x_in.device().is_cpu(), "bnlab::bn_train_fwd: CPU tensors only");
@@ -651,14 +670,23 @@ std::tuple<Tensor, Tensor, Tensor> bn_train_fwd(const Tensor& x_in,
   Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
   Tensor mean = at::empty({C}, x.options().dtype(acc));
   Tensor var = at::empty({C}, x.options().dtype(acc));
+  Tensor inv_std = at::empty({C}, x.options().dtype(acc));
   const Geometry g = geometry_of(x);
   TORCH_CHECK(g.n * g.s > 0 || C == 0, "bnlab::bn_train_fwd: empty batch");
-  if (x.numel() == 0) return {y, mean, var};
+  if (x.numel() == 0) return {y, mean, var, inv_std};
   const Tensor w = channel_vector(weight, acc, C, "weight");
   const Tensor b = channel_vector(bias, acc, C, "bias");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_train_fwd", [&] {
-    train_forward_impl<scalar_t>(x, w, b, eps, g, y, mean, var);
+    train_forward_impl<scalar_t>(x, w, b, eps, g, y, mean, var, inv_std);
   });
+  return {y, mean, var, inv_std};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_train_fwd(const Tensor& x,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps) {
+  auto [y, mean, var, inv_std] =
+      train_forward(x, weight.value_or(Tensor()), bias.value_or(Tensor()), eps);
   return {y, mean, var};
 }
 
@@ -820,6 +848,243 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad_y, const Tensor& x_
   return {dx, sum_dyxhat, sum_dy};
 }
 
+// ---------------------------------------------------------------------------
+// Inference (Algorithm 2, step 11): y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void eval_impl(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& mean,
+               const Tensor& var, double eps, const Geometry& g, Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
+  Raw<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
+  const int64_t C = g.c;
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* vp = var.const_data_ptr<acc_t>();
+  // The mean is subtracted before scaling, as in training, so |E[x]| >> std keeps its
+  // precision (a folded scale * x + shift would cancel).
+  std::vector<acc_t> hi(C), lo(C), scales(C), shifts(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const acc_t inv_std = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(vp[ch]) + eps));
+    hi[ch] = mp[ch];
+    lo[ch] = acc_t(0);
+    scales[ch] = wp ? wp[ch] * inv_std : inv_std;
+    shifts[ch] = bp ? bp[ch] : acc_t(0);
+  }
+  if (g.layout == Layout::RC) {
+    rc_normalize<scalar_t, acc_t>(xp, yp, g.n * g.s, C, hi.data(), lo.data(), scales.data(),
+                                  shifts.data());
+    return;
+  }
+  const int64_t nb = ncs_batch_tasks(g);
+  at::parallel_for(0, C * nb, std::max<int64_t>(1, channel_grain(g)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t ch = t / nb, q0, q1;
+      split(g.n * g.s, nb, t % nb, q0, q1);
+      ncs_normalize<scalar_t, acc_t>(xp, yp, g, ch, q0, q1, MeanSplit<acc_t>(mp[ch]),
+                                     scales[ch], shifts[ch]);
+    }
+  });
+}
+
+Tensor bn_eval(const Tensor& x_in, const c10::optional<Tensor>& weight,
+               const c10::optional<Tensor>& bias, const Tensor& running_mean,
+               const Tensor& running_var, double eps) {
+  TORCH_CHECK(x_in.dim() >= 2 && x_in.device().is_cpu(),
+              "bnlab::bn_eval: expected a CPU (N, C, *) input, got ", x_in.sizes());
+  const Tensor x = as_supported_layout(x_in);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t C = x.size(1);
+  Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  if (x.numel() == 0) return y;
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor b = channel_vector(bias, acc, C, "bias");
+  const Tensor mean = channel_vector(running_mean, acc, C, "running_mean");
+  const Tensor var = channel_vector(running_var, acc, C, "running_var");
+  const Geometry g = geometry_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_eval", [&] {
+    eval_impl<scalar_t>(x, w, b, mean, var, eps, g, y);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// Fused training step for modules: forward, running statistics, autograd in C++
+// ---------------------------------------------------------------------------
+//
+// bnlab::bn_train is what a BN layer's training forward costs on a small input, where
+// the arithmetic is a few microseconds and the rest is per-call overhead: one op call
+// runs the forward kernel, updates the running statistics (and the batch count) in
+// place, and records a C++ autograd node whose backward is the bn_bwd kernel, with no
+// Python in the forward or the backward. The Python path (bnlab.autograd) remains the
+// reference and runs under torch.compile, torch.func transforms and forward-mode AD.
+
+// Algorithm 2, step 10 with PyTorch's momentum convention, in place:
+//   running_mean = (1 - momentum) * running_mean + momentum * mu_B
+//   running_var  = (1 - momentum) * running_var  + momentum * m / (m - 1) * sigma2_B
+// Channels whose batch mean or variance is not finite keep their running statistics
+// (as bnlab.core.update_running_stats). Returns the number of such channels.
+template <typename r_t, typename acc_t>
+int64_t update_running_impl(r_t* rm, r_t* rv, const acc_t* mu, const acc_t* var, int64_t C,
+                            double m, double momentum) {
+  int64_t skipped = 0;
+  const double unbias = m / (m - 1);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const double mu_c = mu[ch], var_c = var[ch];
+    if (!std::isfinite(mu_c + var_c)) {
+      ++skipped;
+      continue;
+    }
+    if (rm) rm[ch] = static_cast<r_t>((1 - momentum) * double(rm[ch]) + momentum * mu_c);
+    if (rv) rv[ch] = static_cast<r_t>((1 - momentum) * double(rv[ch]) + momentum * unbias * var_c);
+  }
+  return skipped;
+}
+
+int64_t update_running(Tensor& rm, Tensor& rv, const Tensor& mu, const Tensor& var, double m,
+                       double momentum) {
+  const Tensor& any = rm.defined() ? rm : rv;
+  for (const Tensor* t : {&rm, &rv}) {
+    TORCH_CHECK(!t->defined() || (t->is_contiguous() && t->scalar_type() == any.scalar_type() &&
+                                  t->numel() == mu.numel() && t->device().is_cpu()),
+                "bnlab::bn_train: running_mean and running_var must be contiguous CPU tensors "
+                "of one dtype with one element per channel");
+  }
+  int64_t skipped = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, any.scalar_type(), "bn_running", [&] {
+    using acc_t = float;
+    auto ptr = [](Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+    if (mu.scalar_type() == at::kDouble) {
+      skipped = update_running_impl(ptr(rm), ptr(rv), mu.const_data_ptr<double>(),
+                                    var.const_data_ptr<double>(), mu.numel(), m, momentum);
+    } else {
+      skipped = update_running_impl(ptr(rm), ptr(rv), mu.const_data_ptr<acc_t>(),
+                                    var.const_data_ptr<acc_t>(), mu.numel(), m, momentum);
+    }
+  });
+  // In-place writes outside the dispatcher: bump the version counters ourselves, so
+  // autograd notices if a graph had saved these buffers.
+  for (Tensor* t : {&rm, &rv}) {
+    if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
+  }
+  return skipped;
+}
+
+// The reduce dims of x: every dim but the channel dim 1.
+std::vector<int64_t> reduce_dims(const Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+// The backward as differentiable ATen ops, for double backward (create_graph=True):
+// the batch statistics are re-derived from x, so the second derivative sees their
+// dependence on x (as bnlab.autograd.BatchNormTrainFunction.backward does).
+torch::autograd::variable_list differentiable_backward(const Tensor& grad_y, const Tensor& x,
+                                                       const Tensor& weight, double eps,
+                                                       const std::array<bool, 3>& need) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto dims = reduce_dims(x);
+  std::vector<int64_t> view(x.dim(), 1);
+  view[1] = x.size(1);
+  const Tensor xc = x.to(acc), dy = grad_y.to(acc);
+  const double m = static_cast<double>(x.numel() / x.size(1));
+  const Tensor x_mu = xc - xc.mean(dims, /*keepdim=*/true);
+  const Tensor inv_std = at::rsqrt((x_mu * x_mu).mean(dims, /*keepdim=*/true) + eps);
+  const Tensor x_hat = x_mu * inv_std;
+  const Tensor sum_dy = dy.sum(dims, /*keepdim=*/true);
+  const Tensor sum_dy_xhat = (dy * x_hat).sum(dims, /*keepdim=*/true);
+  Tensor gx, gw, gb;
+  if (need[0]) {
+    Tensor k = weight.defined() ? inv_std * weight.to(acc).reshape(view) : inv_std;
+    gx = (k * (dy - sum_dy / m - x_hat * (sum_dy_xhat / m))).to(x.scalar_type());
+  }
+  // Sums without keepdim, not flatten(): vmap's legacy batching (is_grads_batched) has
+  // no rule for flatten.
+  if (need[1] && weight.defined()) gw = (dy * x_hat).sum(dims).to(weight.scalar_type());
+  if (need[2]) gb = dy.sum(dims).to(weight.defined() ? weight.scalar_type() : x.scalar_type());
+  return {gx, gw, gb};
+}
+
+class TrainFunction : public torch::autograd::Function<TrainFunction> {
+ public:
+  // Outputs (y, mu_b, biased_var_b); the statistics are not differentiable.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const Tensor& x,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps) {
+    // Optional (not undefined) tensors: autograd gives absent ones no input edge.
+    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    auto [y, mean, var, inv_std] = train_forward(x, w, b, eps);
+    ctx->save_for_backward({x, w, mean, inv_std});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_weight"] = w.defined();
+    ctx->saved_data["has_bias"] = b.defined();
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &inv_std = saved[3];
+    const Tensor& grad_y = grads[0];
+    // needs_input_grad counts the inputs autograd sees: x, then weight and bias if given.
+    const bool has_w = ctx->saved_data["has_weight"].toBool();
+    const bool has_b = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> need{ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1),
+                                   has_b && ctx->needs_input_grad(has_w ? 2 : 1)};
+    if (!grad_y.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    // create_graph=True, or batched gradients (is_grads_batched, gradcheck's batched-grad
+    // check: grad_y is then a vmap-wrapped tensor without storage): differentiable ATen ops.
+    if (at::GradMode::is_enabled() || !grad_y.has_storage() || grad_y.layout() != at::kStrided ||
+        !grad_y.device().is_cpu()) {
+      auto g = differentiable_backward(grad_y, x, weight, ctx->saved_data["eps"].toDouble(), need);
+      return {g[0], g[1], g[2], Tensor()};
+    }
+    auto [gx, sum_dy_xhat, sum_dy] =
+        bn_bwd(grad_y, x, weight.defined() ? c10::optional<Tensor>(weight) : c10::nullopt, mean,
+               inv_std, need[0]);
+    Tensor gw, gb;
+    if (need[1]) gw = sum_dy_xhat.to(weight.scalar_type());
+    if (need[2]) gb = sum_dy.to(weight.defined() ? weight.scalar_type() : grad_y.scalar_type());
+    return {need[0] ? gx : Tensor(), gw, gb, Tensor()};
+  }
+};
+
+// Returns (y, mu_b, biased_var_b, number of channels whose running update was skipped).
+// num_batches_tracked (when given) is incremented; momentum None is then the cumulative
+// average 1 / num_batches_tracked, as in torch.nn.BatchNorm*d.
+std::tuple<Tensor, Tensor, Tensor, int64_t> bn_train(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    c10::optional<Tensor> running_mean, c10::optional<Tensor> running_var,
+    c10::optional<Tensor> num_batches_tracked, c10::optional<double> momentum, double eps) {
+  auto none_if_undefined = [](const c10::optional<Tensor>& t) {
+    return t.has_value() && t->defined() ? t : c10::optional<Tensor>();
+  };
+  auto out = TrainFunction::apply(x, none_if_undefined(weight), none_if_undefined(bias), eps);
+  Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+  int64_t skipped = 0;
+  if (rm.defined() || rv.defined()) {
+    double mom = momentum.value_or(0.0);
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      Tensor& nbt = *num_batches_tracked;
+      TORCH_CHECK(nbt.numel() == 1 && nbt.scalar_type() == at::kLong && nbt.device().is_cpu(),
+                  "bnlab::bn_train: num_batches_tracked must be a CPU int64 scalar");
+      int64_t& count = *nbt.mutable_data_ptr<int64_t>();
+      count += 1;
+      nbt.unsafeGetTensorImpl()->bump_version();
+      if (!momentum.has_value()) mom = 1.0 / static_cast<double>(count);
+    }
+    at::NoGradGuard no_grad;
+    skipped = update_running(rm, rv, out[1], out[2],
+                             static_cast<double>(x.numel() / x.size(1)), mom);
+  }
+  return {out[0], out[1], out[2], skipped};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -829,11 +1094,23 @@ TORCH_LIBRARY(bnlab, m) {
   m.def(
       "bn_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor inv_std, bool need_x)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var,"
+      " float eps) -> Tensor");
+  m.def(
+      "bn_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+      " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps)"
+      " -> (Tensor, Tensor, Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_train_fwd", &bn_train_fwd);
   m.impl("bn_bwd", &bn_bwd);
+  m.impl("bn_eval", &bn_eval);
+  m.impl("bn_train", &bn_train);  // inference_mode tensors skip the Autograd key
 }
+
+// bn_train records its own autograd node (TrainFunction), so it is also the Autograd kernel.
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) { m.impl("bn_train", &bn_train); }
 
 }  // namespace bnlab

@@ -36,7 +36,7 @@ from torch.ao.quantization.fuser_method_mappings import (
 )
 
 from bnlab import functional as F
-from bnlab.autograd import batch_norm_train
+from bnlab.autograd import batch_norm_train, batch_norm_train_step
 
 __all__ = [
     "BatchNorm1d",
@@ -188,8 +188,14 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_state_sizes(self) -> None:
         """Refuse parameters or running statistics resized after construction
         (torch raises RuntimeError there; ours is a RuntimeError too)."""
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(self, name)
+        # The dicts, not getattr: nn.Module.__getattr__ costs a microsecond per name.
+        params, buffers = self._parameters, self._buffers
+        for name, t in (
+            ("weight", params.get("weight")),
+            ("bias", params.get("bias")),
+            ("running_mean", buffers.get("running_mean")),
+            ("running_var", buffers.get("running_var")),
+        ):
             if t is not None and t.numel() != self.num_features:
                 raise BatchNormShapeError(
                     f"{type(self).__name__}({self.num_features}).{name} has {t.numel()} "
@@ -260,8 +266,25 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 0.0,
                 self.eps,
             )
+        updates = self._updates_running_stats()
+        step = batch_norm_train_step(  # one compiled call, where the kernels apply
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if updates else None,
+            self.running_var if updates else None,
+            self.num_batches_tracked if updates else None,
+            self.momentum,
+            self.eps,
+        )
+        if step is not None:
+            y, mu_b, biased_var_b, n_skipped = step
+            if n_skipped and not getattr(self, "_warned_nonfinite", False):
+                self._warned_nonfinite = True
+                warn_nonfinite_stats(self, mu_b, biased_var_b)
+            return y
         y, mu_b, biased_var_b = batch_norm_train(input, self.weight, self.bias, self.eps)
-        if self._updates_running_stats():
+        if updates:
             self._update_running_stats(mu_b, biased_var_b, F.num_values_per_channel(input))
         return y
 
