@@ -267,7 +267,7 @@ def _count_compiled_calls(monkeypatch) -> dict[str, int]:
     return counts
 
 
-COMPILED_NODE = "CppNode<bnlab::(anonymous namespace)::TrainFunction>"
+COMPILED_NODE = "BnlabBatchNormBackward"
 
 
 @pytest.mark.parametrize(
@@ -764,3 +764,20 @@ def test_cuda_modules_take_torchs_kernels_and_match_torch():
     finally:
         backend.native.train_forward = real
     assert len(calls) == 2
+
+
+def test_train_step_node_checks_saved_input_and_works_under_anomaly_mode():
+    """The hand-written autograd node saves x as torch's nodes do: an in-place change
+    after the forward is an error, not a wrong gradient; anomaly mode runs it."""
+    bn = bnn.BatchNorm1d(5)
+    x = torch.randn(8, 5, requires_grad=True)
+    h = x * 1
+    y = bn(h)
+    assert y.grad_fn.name() == COMPILED_NODE
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with torch.autograd.detect_anomaly():
+        y = bn(x * 2)
+        (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and bn.weight.grad is not None

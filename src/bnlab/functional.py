@@ -135,9 +135,7 @@ def batch_norm(
             :func:`check_batch_norm_input`), a refused ``eps``, or missing
             running statistics in eval mode.
     """
-    y, _ = batch_norm_tracked(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    )
+    y, _ = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y
 
 
@@ -162,6 +160,24 @@ def batch_norm_tracked(
         statistics were left unchanged) in training with running statistics;
         None in eval mode or without running statistics.
     """
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, tracked=True
+    )
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    tracked: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`batch_norm_tracked`; ``skipped`` only when ``tracked`` (else None), as
+    building it costs a small op per call."""
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
     if training:
@@ -170,7 +186,7 @@ def batch_norm_tracked(
         )
         if step is not None:  # the compiled kernels, running statistics included
             y, mu_b, biased_var_b, n_skipped = step
-            if running_mean is None and running_var is None:
+            if not tracked or (running_mean is None and running_var is None):
                 return y, None
             skipped = (
                 ~torch.isfinite(mu_b + biased_var_b)

@@ -74,6 +74,7 @@ class _State:
     loaded = False
     error: str | None = None
     library: Path | None = None
+    module = None  # the library as a Python module (pybind11 entry points)
     build_seconds = 0.0
     warned = False
     mode: str | None = None  # None: not yet read from BNLAB_BACKEND
@@ -133,7 +134,7 @@ def _load() -> bool:
     with _state.lock:
         if not _state.tried:
             try:
-                _state.library, _state.build_seconds = build.build_and_load()
+                _state.library, _state.build_seconds, _state.module = build.build_and_load()
                 _register_fakes()
                 _state.loaded = True
             except Exception as e:  # noqa: BLE001 - any build failure means: fall back
@@ -259,13 +260,6 @@ def backward(
     return (grad_x if need_x else None), grad_w, grad_b
 
 
-def _buffer_ok(t: Tensor | None, x: Tensor) -> bool:
-    """A per-channel buffer the kernels may read or update in place."""
-    return t is None or (
-        t.is_contiguous() and t.numel() == x.shape[1] and t.dtype in SUPPORTED_DTYPES
-    )
-
-
 def train_step(
     x: Tensor,
     weight: Tensor | None,
@@ -293,26 +287,12 @@ def train_step(
         running statistics were left unchanged because their batch statistics were not
         finite.
     """
-    if x.dtype not in SUPPORTED_DTYPES or x.dim() < 2 or x.numel() == 0:
+    if not x.is_cpu or torch.compiler.is_compiling() or not _compiled_ready():
         return None
-    if torch.compiler.is_compiling() or not _plain_cpu((x, weight, bias)):
+    if not _plain((x, weight, bias, running_mean, running_var, num_batches_tracked)):
         return None
-    if running_mean is not None or running_var is not None:
-        if not (
-            _buffer_ok(running_mean, x)
-            and _buffer_ok(running_var, x)
-            and _plain_cpu((running_mean, running_var, num_batches_tracked))
-        ):
-            return None
-        if (
-            running_mean is not None
-            and running_var is not None
-            and running_mean.dtype != running_var.dtype
-        ):
-            return None
-    if not _compiled_ready():
-        return None
-    return torch.ops.bnlab.bn_train(
+    # The C++ side checks dtypes, sizes, devices and buffer layouts (None if unsuitable).
+    return _state.module.train_step(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, float(eps)
     )
 

@@ -39,6 +39,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -90,9 +92,11 @@ Geometry geometry_of(const Tensor& x) {
 }
 
 // Bring t to the layout of x (grad_y may come strided, expanded or in another format).
-Tensor like_layout(const Tensor& t, const Tensor& x) {
-  if (x.is_contiguous()) return t.contiguous();
-  return t.contiguous(x.suggest_memory_format());
+Tensor like_layout(const Tensor& t_in, const Tensor& x) {
+  const Tensor t = t_in.scalar_type() == x.scalar_type() ? t_in : t_in.to(x.scalar_type());
+  if (x.is_contiguous()) return t.is_contiguous() ? t : t.contiguous();
+  const auto format = x.suggest_memory_format();
+  return t.is_contiguous(format) ? t : t.contiguous(format);
 }
 
 template <typename acc_t>
@@ -650,6 +654,8 @@ Tensor channel_vector(const Tensor& t, at::ScalarType acc, int64_t c, const char
   TORCH_CHECK(t.numel() == c && t.device().is_cpu(), "bnlab: ", name,
               " must be a CPU tensor of ", c, " elements (one per channel), got shape ",
               t.sizes(), " on ", t.device());
+  // Most calls pass contiguous acc_t vectors already: no dispatcher round trip then.
+  if (t.scalar_type() == acc && t.is_contiguous()) return t;
   return t.to(acc).contiguous();
 }
 
@@ -825,7 +831,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad_y, const Tensor& x_
   TORCH_CHECK(x_in.device().is_cpu() && grad_y.device().is_cpu(),
               "bnlab::bn_bwd: CPU tensors only");
   const Tensor x = as_supported_layout(x_in);
-  const Tensor dy = like_layout(grad_y.to(x.scalar_type()), x);
+  const Tensor dy = like_layout(grad_y, x);
   const auto acc = at::toOpMathType(x.scalar_type());
   const int64_t C = x.size(1);
   Tensor dx = need_x ? at::empty_like(x, at::MemoryFormat::Preserve)
@@ -1008,51 +1014,76 @@ torch::autograd::variable_list differentiable_backward(const Tensor& grad_y, con
   return {gx, gw, gb};
 }
 
-class TrainFunction : public torch::autograd::Function<TrainFunction> {
- public:
-  // Outputs (y, mu_b, biased_var_b); the statistics are not differentiable.
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const Tensor& x,
-                                                const c10::optional<Tensor>& weight,
-                                                const c10::optional<Tensor>& bias, double eps) {
-    // Optional (not undefined) tensors: autograd gives absent ones no input edge.
-    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-    auto [y, mean, var, inv_std] = train_forward(x, w, b, eps);
-    ctx->save_for_backward({x, w, mean, inv_std});
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = w.defined();
-    ctx->saved_data["has_bias"] = b.defined();
-    ctx->mark_non_differentiable({mean, var});
-    return {y, mean, var};
+// The autograd node of bn_train: dl/dx, dl/dgamma, dl/dbeta by the bn_bwd kernel (a
+// hand-written Node, as PyTorch's generated ones are: a torch::autograd::Function costs
+// about a microsecond more per call, a tenth of a small layer's forward).
+struct TrainBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x_, weight_;
+  Tensor mean_, inv_std_;  // made here and never handed out: no version check needed
+  double eps_ = 0;
+  bool has_weight_ = false, has_bias_ = false;
+
+  std::string name() const override { return "BnlabBatchNormBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    mean_.reset();
+    inv_std_.reset();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &inv_std = saved[3];
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // Edges: 0 x, 1 weight, 2 bias (an absent weight or bias has an invalid edge).
+    const std::array<bool, 3> need{task_should_compute_output(0),
+                                   has_weight_ && task_should_compute_output(1),
+                                   has_bias_ && task_should_compute_output(2)};
     const Tensor& grad_y = grads[0];
-    // needs_input_grad counts the inputs autograd sees: x, then weight and bias if given.
-    const bool has_w = ctx->saved_data["has_weight"].toBool();
-    const bool has_b = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> need{ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1),
-                                   has_b && ctx->needs_input_grad(has_w ? 2 : 1)};
-    if (!grad_y.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!grad_y.defined() || !(need[0] || need[1] || need[2])) return {Tensor(), Tensor(), Tensor()};
+    const Tensor x = x_.unpack(getptr());
+    const Tensor weight = weight_.unpack(getptr());
     // create_graph=True, or batched gradients (is_grads_batched, gradcheck's batched-grad
     // check: grad_y is then a vmap-wrapped tensor without storage): differentiable ATen ops.
     if (at::GradMode::is_enabled() || !grad_y.has_storage() || grad_y.layout() != at::kStrided ||
         !grad_y.device().is_cpu()) {
-      auto g = differentiable_backward(grad_y, x, weight, ctx->saved_data["eps"].toDouble(), need);
-      return {g[0], g[1], g[2], Tensor()};
+      return differentiable_backward(grad_y, x, weight, eps_, need);
     }
     auto [gx, sum_dy_xhat, sum_dy] =
-        bn_bwd(grad_y, x, weight.defined() ? c10::optional<Tensor>(weight) : c10::nullopt, mean,
-               inv_std, need[0]);
+        bn_bwd(grad_y, x, weight.defined() ? c10::optional<Tensor>(weight) : c10::nullopt, mean_,
+               inv_std_, need[0]);
+    auto as = [](const Tensor& t, at::ScalarType dtype) {
+      return t.scalar_type() == dtype ? t : t.to(dtype);
+    };
     Tensor gw, gb;
-    if (need[1]) gw = sum_dy_xhat.to(weight.scalar_type());
-    if (need[2]) gb = sum_dy.to(weight.defined() ? weight.scalar_type() : grad_y.scalar_type());
-    return {need[0] ? gx : Tensor(), gw, gb, Tensor()};
+    if (need[1]) gw = as(sum_dy_xhat, weight.scalar_type());
+    if (need[2]) gb = as(sum_dy, weight.defined() ? weight.scalar_type() : grad_y.scalar_type());
+    return {need[0] ? gx : Tensor(), gw, gb};
   }
 };
+
+// Algorithm 1 by the kernels, recording a TrainBackward node when autograd needs one.
+// Returns (y, mu_b, biased_var_b).
+std::tuple<Tensor, Tensor, Tensor> train_forward_recorded(const Tensor& x, const Tensor& weight,
+                                                          const Tensor& bias, double eps) {
+  const bool record = torch::autograd::compute_requires_grad(x, weight, bias);
+  Tensor y, mean, var, inv_std;
+  {
+    at::NoGradGuard no_grad;  // the kernels' own conversions are not part of the graph
+    std::tie(y, mean, var, inv_std) = train_forward(x, weight, bias, eps);
+  }
+  if (record) {
+    auto node = c10::make_intrusive<TrainBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+    node->x_ = torch::autograd::SavedVariable(x, /*is_output=*/false);
+    node->weight_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+    node->mean_ = mean;
+    node->inv_std_ = inv_std;
+    node->eps_ = eps;
+    node->has_weight_ = weight.defined();
+    node->has_bias_ = bias.defined();
+    torch::autograd::set_history(y, node);
+  }
+  return {y, mean, var};
+}
 
 // Returns (y, mu_b, biased_var_b, number of channels whose running update was skipped).
 // num_batches_tracked (when given) is incremented; momentum None is then the cumulative
@@ -1061,10 +1092,8 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> bn_train(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     c10::optional<Tensor> running_mean, c10::optional<Tensor> running_var,
     c10::optional<Tensor> num_batches_tracked, c10::optional<double> momentum, double eps) {
-  auto none_if_undefined = [](const c10::optional<Tensor>& t) {
-    return t.has_value() && t->defined() ? t : c10::optional<Tensor>();
-  };
-  auto out = TrainFunction::apply(x, none_if_undefined(weight), none_if_undefined(bias), eps);
+  auto [y, mean, var] = train_forward_recorded(x, weight.value_or(Tensor()),
+                                               bias.value_or(Tensor()), eps);
   Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
   int64_t skipped = 0;
   if (rm.defined() || rv.defined()) {
@@ -1079,10 +1108,42 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> bn_train(
       if (!momentum.has_value()) mom = 1.0 / static_cast<double>(count);
     }
     at::NoGradGuard no_grad;
-    skipped = update_running(rm, rv, out[1], out[2],
-                             static_cast<double>(x.numel() / x.size(1)), mom);
+    skipped = update_running(rm, rv, mean, var, static_cast<double>(x.numel() / x.size(1)), mom);
   }
-  return {out[0], out[1], out[2], skipped};
+  return {y, mean, var, skipped};
+}
+
+// A per-channel buffer the kernels update in place (else the caller's pure path runs).
+bool updatable(const c10::optional<Tensor>& t, const Tensor& x) {
+  return !t.has_value() || !t->defined() ||
+         (t->is_contiguous() && t->device().is_cpu() && t->numel() == x.size(1) &&
+          at::isFloatingType(t->scalar_type()));
+}
+
+// bn_train for plain eager calls from Python (bnlab.backend.train_step), without the
+// dispatcher's boxing; None where the kernels do not take these tensors.
+py::object train_step(const Tensor& x, const c10::optional<Tensor>& weight,
+                      const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
+                      c10::optional<Tensor> running_var, c10::optional<Tensor> num_batches_tracked,
+                      c10::optional<double> momentum, double eps) {
+  const auto dtype = x.scalar_type();
+  const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                         dtype == at::kBFloat16;
+  if (!supported || x.dim() < 2 || x.numel() == 0 || !x.device().is_cpu() ||
+      !x.has_storage() || x.layout() != at::kStrided || !updatable(running_mean, x) ||
+      !updatable(running_var, x) ||
+      (running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+       running_var->defined() && running_mean->scalar_type() != running_var->scalar_type())) {
+    return py::none();
+  }
+  for (const auto* t : {&weight, &bias}) {
+    if (t->has_value() && t->value().defined() && !t->value().device().is_cpu()) {
+      return py::none();
+    }
+  }
+  auto out = bn_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                      eps);
+  return py::cast(out);
 }
 
 }  // namespace
@@ -1112,5 +1173,11 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
 
 // bn_train records its own autograd node (TrainFunction), so it is also the Autograd kernel.
 TORCH_LIBRARY_IMPL(bnlab, Autograd, m) { m.impl("bn_train", &bn_train); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnlab's compiled CPU kernels (the ops are in torch.ops.bnlab)";
+  m.def("train_step", &train_step,
+        "bnlab::bn_train without the dispatcher's boxing; None where it does not apply");
+}
 
 }  // namespace bnlab

@@ -21,11 +21,13 @@ an older CPU sharing the cache); the flags are part of the hash.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from filelock import FileLock
@@ -67,12 +69,25 @@ def library_name(flags: list[str]) -> str:
     return f"bnlab_cpu_{key.hexdigest()[:16]}"
 
 
-def build_and_load(verbose: bool = False) -> tuple[Path, float]:
+def _import(name: str, lib: Path) -> ModuleType:
+    """Import the compiled library as the Python module ``name`` (which also registers
+    its ops in ``torch.ops.bnlab``)."""
+    spec = importlib.util.spec_from_file_location(name, lib)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
     """Compile (or find cached) and load the kernels into ``torch.ops.bnlab``.
 
+    The library is also a Python extension module: its functions are the same C++
+    functions without the dispatcher's boxed call (about a microsecond less per call,
+    which matters on small inputs).
+
     Returns:
-        ``(library_path, build_seconds)``; ``build_seconds`` is 0.0 when a cached
-        library was loaded.
+        ``(library_path, build_seconds, module)``; ``build_seconds`` is 0.0 when a
+        cached library was loaded.
 
     Raises:
         Exception: whatever the compiler or loader raised (the caller decides
@@ -89,9 +104,8 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float]:
     with FileLock(str(root / f"{name}.lock")):  # an flock: released if its holder dies
         if lib.exists():
             try:
-                torch.ops.load_library(str(lib))
-                return lib, 0.0
-            except OSError:  # a truncated or foreign file: build it again
+                return lib, 0.0, _import(name, lib)
+            except ImportError:  # a truncated or foreign file: build it again
                 lib.unlink()
         # torch's own build lock (a plain file) outlives a killed build and would make
         # this one wait forever; holding our lock, no other build can be running.
@@ -103,15 +117,15 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float]:
         os.environ["PATH"] = os.pathsep.join([*sorted(scripts), old_path])
         start = time.perf_counter()
         try:
-            cpp_extension.load(
+            module = cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=flags,
                 extra_ldflags=LDFLAGS,
                 build_directory=str(build_dir),
-                is_python_module=False,
+                is_python_module=True,
                 verbose=verbose or bool(os.environ.get("BNLAB_BUILD_VERBOSE")),
             )
         finally:
             os.environ["PATH"] = old_path
-        return lib, time.perf_counter() - start
+        return lib, time.perf_counter() - start, module
