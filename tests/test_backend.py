@@ -198,6 +198,59 @@ def test_low_precision_against_float64(dtype, tol, channels_last):
     assert _max_err(gx, ref_gx) < tol * 4
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# NCS inputs on one thread with short runs (S * itemsize <= 2 KiB) and at least 1 MiB take
+# the streaming kernels (x read front to back, then again for the output) instead of the
+# per-channel ones; the shapes below are just over 1 MiB in their dtype.
+def test_streaming_path_matches_float64_math(one_thread):
+    shape = (16, 64, 12, 12)  # float64: 1.2 MB, runs of 1152 bytes
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    w, b = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    y, mu, biased_var = backend.train_forward(x, w, b, 1e-5)
+    y_ref, mu_ref, var_ref = _reference(x, w, b, 1e-5)
+    assert _max_err(y, y_ref) < 1e-12
+    assert _max_err(mu, mu_ref) < 1e-12 and _max_err(biased_var, var_ref) < 1e-12
+    grad_y = torch.randn_like(x)
+    inv_std = torch.rsqrt(biased_var + 1e-5)
+    gx, gw, gb = backend.backward(grad_y, x, w, mu, inv_std, (True, True, True))
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+    y_t = torch.nn.functional.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+    refs = torch.autograd.grad(y_t, leaves, grad_y)
+    for ours, ref in zip((gx, gw, gb), refs):
+        assert _max_err(ours, ref) < 1e-10
+    _, gw_only, gb_only = backend.backward(grad_y, x, w, mu, inv_std, (False, True, True))
+    assert torch.equal(gw_only, gw) and torch.equal(gb_only, gb)
+
+
+@pytest.mark.parametrize(
+    "dtype,tol,shift",
+    [(torch.bfloat16, 4e-2, 0.0), (torch.float16, 5e-3, 0.0), (torch.float32, 1e-4, 1e4)],
+    ids=["bfloat16", "float16", "float32-large-mean"],
+)
+def test_streaming_path_low_precision_and_large_mean(one_thread, dtype, tol, shift):
+    """The streaming kernels keep the float16/bfloat16 staging and the shifted sums
+    (|mean| = 1e4 * std in float32); tolerances as in the per-channel tests."""
+    x = (torch.randn(64, 64, 14, 14, dtype=torch.float64) + shift).to(dtype)  # >= 1.6 MB
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    y, mu, biased_var = backend.train_forward(x, w, b, 1e-5)
+    y_ref, _, var_ref = _reference(x, w, b, 1e-5)
+    assert _max_err(y, y_ref) < tol * 4
+    assert _max_err(biased_var, var_ref) / var_ref.min().item() < 1e-3
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    gx, _, _ = backend.backward(g, x, w, mu, torch.rsqrt(biased_var + 1e-5), (True,) * 3)
+    leaves = [x.double().requires_grad_(), w.double(), b.double()]
+    y64 = torch.nn.functional.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+    (ref_gx,) = torch.autograd.grad(y64, leaves[0], g.double())
+    assert _max_err(gx, ref_gx) < tol * 4
+
+
 @pytest.mark.parametrize(
     "shape,channels_last",
     [
@@ -207,6 +260,7 @@ def test_low_precision_against_float64(dtype, tol, channels_last):
         ((4096, 64), False),
         ((1, 3, 160, 170), False),
         ((2, 1, 300, 300), False),
+        ((32, 64, 14, 14), False),
     ],
     ids=[
         "ncs-channels",
@@ -215,6 +269,7 @@ def test_low_precision_against_float64(dtype, tol, channels_last):
         "2d",
         "ncs-plane-split",
         "one-channel",
+        "ncs-streaming-vs-per-channel",  # 1 thread: streaming kernels; 2: per channel
     ],
 )
 def test_multithreaded_equals_single_threaded(shape, channels_last):
