@@ -566,7 +566,7 @@ def test_bench_command_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "copy bandwidth" in printed and "compiled" in printed and "pure" in printed
     records = json.loads(out.read_text())["records"]
-    assert len(records) == 2 * 2 * 3  # shapes x passes x impls
+    assert len(records) == 2 * 3 * 3  # shapes x passes (fwd, fwd+bwd, eval) x impls
     assert all(r["ratio_to_torch"] > 0 for r in records)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--shapes", "6"])
@@ -742,6 +742,20 @@ def test_eval_kernel_precision(dtype, tol):
     assert y.dtype == dtype and _max_err(y, ref) < tol * 4
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fake_kernels_lay_out_outputs_as_the_kernels_do(layout):
+    """The fake kernels (what torch.compile traces) give the real outputs' strides, for
+    contiguous, channels_last and strided inputs."""
+    x = LAYOUTS[layout](torch.randn(4, 3, 5, 6, dtype=torch.float64))
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bnlab.bn_train_fwd.default, (x, w, b, 1e-5))
+    _, mu, var = torch.ops.bnlab.bn_train_fwd(x, w, b, 1e-5)
+    args = (torch.randn_like(x), x, w, mu, torch.rsqrt(var + 1e-5), True)
+    torch.library.opcheck(torch.ops.bnlab.bn_bwd.default, args)
+    torch.library.opcheck(torch.ops.bnlab.bn_eval.default, (x, w, b, rm, rv, 1e-5))
+
+
 def test_new_ops_schemas_and_fake_kernels():
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
@@ -836,3 +850,34 @@ def test_train_step_node_checks_saved_input_and_works_under_anomaly_mode():
         y = bn(x * 2)
         (y * torch.randn_like(y)).sum().backward()
     assert x.grad is not None and bn.weight.grad is not None
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", [(60, 100), (4, 3, 5, 5), (16, 2, 64, 65), (2, 1, 7)], ids=str)
+def test_syncbn_local_parts_match_core(shape, layout):
+    """SyncBatchNorm's local kernels (statistics, gradient sums, dx from reduced sums)
+    against bnlab.core in float64; m and the sums as if from a larger global batch."""
+    from bnlab import core
+
+    x = LAYOUTS[layout](torch.randn(*shape, dtype=torch.float64) * 2 + 5)
+    g = LAYOUTS[layout](torch.randn(*shape, dtype=torch.float64))
+    c = shape[1]
+    w = torch.rand(c, dtype=torch.float64) + 0.5
+    with backend.using("compiled"):
+        mu, var = backend.batch_stats(x)
+        ref_mu, ref_var = core.compute_batch_stats(x)
+        assert _max_err(mu, ref_mu) < 1e-12 and _max_err(var, ref_var) < 1e-12
+        glob_mu = mu + 0.1  # a global mean differs from this slice's
+        sums = backend.grad_sums(g, x, glob_mu)
+        ref_sums = core.reduce_grad_sums(g, x, glob_mu)[:2]
+        for a, r in zip(sums, ref_sums):
+            assert _max_err(a, r) < 1e-10
+        inv_std = torch.rsqrt(var + 0.3)
+        m_global = 3 * core.num_values_per_channel(x)
+        for weight in (w, None):
+            dx = backend.input_grad(g, x, weight, glob_mu, inv_std, *sums, m_global)
+            ref = core.input_grad(g, x, weight, glob_mu, inv_std, *ref_sums, m_global)
+            assert dx.shape == x.shape and _max_err(dx, ref) < 1e-10
+    torch.library.opcheck(torch.ops.bnlab.bn_stats.default, (x,))
+    args = (g, x, w, glob_mu, inv_std, *sums, m_global)
+    torch.library.opcheck(torch.ops.bnlab.bn_input_grad.default, args)

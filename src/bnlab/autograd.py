@@ -1,11 +1,15 @@
-"""The training-mode Batch Normalizing Transform as an autograd.Function.
+"""The training-mode Batch Normalizing Transform as an autograd.Function, and the one
+place that chooses between the kernels of :mod:`bnlab.backend` and the pure math of
+:mod:`bnlab.core`.
 
-The forward and backward go through two functions defined here,
-:func:`batch_norm_train_forward` and :func:`batch_norm_backward`: the one narrow
-interface between the autograd layer and the hot path. Each tries the compiled
-kernels of :mod:`bnlab.backend` first and runs the pure math of :mod:`bnlab.core`
-where they do not apply (see :mod:`bnlab.backend` for when). Dependencies run one
-way: ``bnlab.functional -> bnlab.autograd -> bnlab.backend, bnlab.core``.
+The Function's forward and backward go through :func:`batch_norm_train_forward` and
+:func:`batch_norm_backward`: the narrow interface between the autograd layer and the hot
+path. The other dispatchers here serve the modules (:func:`batch_norm_train_step`, a
+layer's whole training forward in one compiled call; :func:`normalize_by_stats`,
+inference) and SyncBatchNorm's local parts (:func:`batch_stats`, :func:`grad_sums`,
+:func:`input_grad`). Each tries the kernels first and runs the pure math where they do
+not apply (see :mod:`bnlab.backend` for when). Dependencies run one way:
+``bnlab.functional -> bnlab.autograd -> bnlab.backend, bnlab.core``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from bnlab import core as F
 __all__ = [
     "BatchNormTrainFunction",
     "batch_norm_backward",
-    "batch_norm_inference",
     "batch_norm_train",
     "batch_norm_train_forward",
     "batch_norm_train_step",
+    "batch_stats",
+    "grad_sums",
+    "input_grad",
+    "normalize_by_stats",
 ]
 
 
@@ -79,27 +86,63 @@ def batch_norm_train_step(
     )
 
 
-def batch_norm_inference(
+def normalize_by_stats(
     x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """The fixed affine map of Algorithm 2, step 11, on the compiled kernels where they
-    apply (no gradient needed), else :func:`bnlab.core.normalize`.
+    """``gamma * (x - mean) / sqrt(var + eps) + beta`` for given per-channel statistics,
+    on the kernels where they apply (no gradient needed), else :func:`bnlab.core.normalize`.
 
-    ``gamma * (x - E[x]) * inv_std + beta``: subtracting the mean first keeps the
-    precision that ``scale * x + shift`` loses to cancellation when |E[x]| >> std
-    (1e-3 off in float32 at |E[x]|/std = 1e4).
+    Inference BN (Algorithm 2, step 11) with the population statistics, and
+    SyncBatchNorm's output with the global batch statistics. Subtracting the mean first
+    keeps the precision that ``scale * x + shift`` loses to cancellation when
+    |E[x]| >> std (1e-3 off in float32 at |E[x]|/std = 1e4).
     """
-    y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    y = backend.eval_forward(x, mean, var, weight, bias, eps)
     if y is not None:
         return y
     cdt = F.compute_dtype(x.dtype)
-    inv_std = torch.rsqrt(running_var.to(cdt) + eps)
-    return F.normalize(x, running_mean.to(cdt), inv_std, weight, bias)
+    inv_std = torch.rsqrt(var.to(cdt) + eps)
+    return F.normalize(x, mean.to(cdt), inv_std, weight, bias)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bnlab.core.compute_batch_stats` (Algorithm 1, lines 1-2), on the kernels
+    where they apply: ``(mu_b, biased_var_b)``."""
+    out = backend.batch_stats(x)
+    return out if out is not None else F.compute_batch_stats(x)
+
+
+def grad_sums(grad_y: Tensor, x: Tensor, mu_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`bnlab.core.reduce_grad_sums` on the kernels where they apply:
+    ``(sum_dy, sum_dy_xmu, scratch)``, scratch None from the kernels."""
+    out = backend.grad_sums(grad_y, x, mu_b)
+    if out is not None:
+        return (*out, None)
+    return F.reduce_grad_sums(grad_y, x, mu_b)
+
+
+def input_grad(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    m: int,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """:func:`bnlab.core.input_grad` (dl/dx from the two reduced sums over m values), on
+    the kernels where they apply."""
+    out = backend.input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m)
+    if out is not None:
+        return out
+    return F.input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m, scratch)
 
 
 class BatchNormTrainFunction(torch.autograd.Function):

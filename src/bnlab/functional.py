@@ -24,10 +24,10 @@ from torch import Tensor
 
 from bnlab.autograd import (
     batch_norm_backward,
-    batch_norm_inference,
     batch_norm_train,
     batch_norm_train_forward,
     batch_norm_train_step,
+    normalize_by_stats,
 )
 from bnlab.core import (
     batch_renorm_affine,
@@ -212,7 +212,7 @@ def _batch_norm(
             "pass them, or use training=True to normalize with batch statistics"
         )
     # Algorithm 2, step 11: gamma * (x - E[x]) * inv_std + beta.
-    return batch_norm_inference(input, running_mean, running_var, weight, bias, eps), None
+    return normalize_by_stats(input, running_mean, running_var, weight, bias, eps), None
 
 
 def _check_channel_sizes(

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch._C import _functorch
+from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from bnlab.backend import build, native
@@ -49,7 +50,10 @@ __all__ = [
     "BackendUnavailableError",
     "backward",
     "describe",
+    "batch_stats",
     "eval_forward",
+    "grad_sums",
+    "input_grad",
     "is_available",
     "mode",
     "set_backend",
@@ -272,10 +276,12 @@ def train_step(
 ) -> tuple[Tensor, Tensor, Tensor, int] | None:
     """A BN layer's whole training forward in one compiled call, or None where it does not apply.
 
-    ``torch.ops.bnlab.bn_train`` runs Algorithm 1, records a C++ autograd node (its
-    backward is the ``bn_bwd`` kernel; a differentiable re-derivation for double
-    backward and batched gradients), increments ``num_batches_tracked`` and updates the
-    running statistics in place as :func:`bnlab.core.update_running_stats` does
+    The op ``torch.ops.bnlab.bn_train`` (called here through the extension module's
+    ``train_step``, which skips the dispatcher's boxing: a microsecond per call) runs
+    Algorithm 1, records a C++ autograd node (its backward is the ``bn_bwd`` kernel; a
+    differentiable re-derivation for double backward and batched gradients), increments
+    ``num_batches_tracked`` and updates the running statistics in place as
+    :func:`bnlab.core.update_running_stats` does
     (``momentum`` None: the cumulative average ``1 / num_batches_tracked``). Pass None
     buffers for a forward that must not update them.
 
@@ -318,6 +324,45 @@ def eval_forward(
     return torch.ops.bnlab.bn_eval(x, weight, bias, running_mean, running_var, float(eps))
 
 
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(mu_b, biased_var_b)`` of ``x`` by the kernels (CPU), or None."""
+    if _route(x) != "compiled":
+        return None
+    return torch.ops.bnlab.bn_stats(x)
+
+
+def grad_sums(grad_y: Tensor, x: Tensor, mu_b: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(sum_dy, sum_dy_xmu)`` per channel by the kernels (CPU), or None.
+
+    ``bn_bwd``'s reduction pass alone (``need_x`` false), with inv_std = 1 so that its
+    ``sum dy * (x - mu) * inv_std`` is ``sum_dy_xmu``.
+    """
+    if grad_y.shape != x.shape or _route(x, grad_y, mu_b) != "compiled":
+        return None
+    ones = torch.ones_like(mu_b)
+    _, sum_dy_xmu, sum_dy = torch.ops.bnlab.bn_bwd(grad_y, x, None, mu_b, ones, False)
+    return sum_dy, sum_dy_xmu
+
+
+def input_grad(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    m: int,
+) -> Tensor | None:
+    """dl/dx from sums reduced elsewhere (over ``m`` values) by the kernels (CPU), or None."""
+    tensors = (grad_y, weight, mu_b, inv_std, sum_dy, sum_dy_xmu)
+    if grad_y.shape != x.shape or m < 1 or _route(x, *tensors) != "compiled":
+        return None
+    return torch.ops.bnlab.bn_input_grad(
+        grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, int(m)
+    )
+
+
 def describe(device: str = "cpu") -> str:
     """One line naming the kernels BN runs on for tensors on ``device`` in this process."""
     wanted = mode()
@@ -342,24 +387,49 @@ def describe(device: str = "cpu") -> str:
 # --------------------------------------------------------------------------
 
 
+def _kernel_output(x: Tensor) -> Tensor:
+    """An empty tensor laid out as the kernels lay out an output like ``x``
+    (``as_supported_layout`` in bn_cpu.cpp: x's own layout when it is contiguous or
+    dense channels_last, else a copy in its suggested memory format)."""
+    if x.is_contiguous() or (
+        x.dim() in (4, 5)
+        and x.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
+    ):
+        return torch.empty_like(x, memory_format=torch.preserve_format)
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+
+
 def _fake_train_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     c = x.shape[1]
-    return torch.empty_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    return _kernel_output(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _fake_bwd(grad_y, x, weight, mean, inv_std, need_x: bool):
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     c = x.shape[1]
-    grad_x = torch.empty_like(x) if need_x else x.new_empty((0,))
+    grad_x = _kernel_output(x) if need_x else x.new_empty((0,))
     return grad_x, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _fake_eval(x, weight, bias, running_mean, running_var, eps: float):
-    return torch.empty_like(x)
+    return _kernel_output(x)
+
+
+def _fake_stats(x):
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+def _fake_input_grad(grad_y, x, weight, mean, inv_std, sum_dy, sum_dy_xmu, m: int):
+    return _kernel_output(x)
 
 
 def _register_fakes() -> None:
     torch.library.register_fake("bnlab::bn_train_fwd")(_fake_train_fwd)
     torch.library.register_fake("bnlab::bn_bwd")(_fake_bwd)
     torch.library.register_fake("bnlab::bn_eval")(_fake_eval)
+    torch.library.register_fake("bnlab::bn_stats")(_fake_stats)
+    torch.library.register_fake("bnlab::bn_input_grad")(_fake_input_grad)

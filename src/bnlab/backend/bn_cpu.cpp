@@ -1,12 +1,20 @@
-// bnlab's compiled CPU kernels for training-mode batch normalization.
+// bnlab's compiled CPU kernels for batch normalization.
 //
-// Two custom ops, registered with torch.library under the `bnlab` namespace:
+// Custom ops, registered with torch.library under the `bnlab` namespace:
 //
 //   bnlab::bn_train_fwd(x, weight?, bias?, eps) -> (y, mu_b, biased_var_b)
 //   bnlab::bn_bwd(grad_y, x, weight?, mu_b, inv_std, need_x) -> (grad_x, sum_dy_xhat, sum_dy)
+//   bnlab::bn_eval(x, weight?, bias?, running_mean, running_var, eps) -> y
+//   bnlab::bn_stats(x) -> (mu_b, biased_var_b)
+//   bnlab::bn_input_grad(grad_y, x, weight?, mu, inv_std, sum_dy, sum_dy_xmu, m) -> grad_x
+//   bnlab::bn_train(x, weight?, bias?, running_mean!?, running_var!?, num_batches_tracked!?,
+//                   momentum?, eps) -> (y, mu_b, biased_var_b, n_skipped)
 //
 // sum_dy_xhat = sum dy * (x - mu_b) * inv_std is dl/dgamma and sum_dy is dl/dbeta; grad_x
-// is an empty tensor when need_x is false.
+// is an empty tensor when need_x is false. bn_stats and bn_input_grad are SyncBatchNorm's
+// local parts (the sums are reduced across processes between them); bn_train is a
+// module's whole training forward with its own autograd node (see the end of the file),
+// also exposed to Python without the dispatcher as the extension function train_step.
 //
 // The math is Algorithm 1 of Ioffe & Szegedy (2015) and the closed-form backward of
 // Section 3 (see bnlab.core.batch_norm_backward). Statistics are taken over every dim
@@ -656,7 +664,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
                         Tensor& inv_std_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  Raw<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
+  Raw<scalar_t>* yp = y.defined() ? raw_mut_ptr<scalar_t>(y) : nullptr;  // null: statistics only
   const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
   const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
   acc_t* mean_p = mean_out.mutable_data_ptr<acc_t>();
@@ -699,6 +707,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
         hi[ch] = ms.hi;
         lo[ch] = ms.lo;
       }
+      if (!yp) return;  // statistics only
       for (int64_t r = 0; r < g.n * C; ++r) {
         const int64_t ch = r % C;
         Staging<scalar_t>::map1(
@@ -721,6 +730,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
           acc_t scale, shift;
           ncs_shifted_sums<scalar_t, acc_t>(xp, g, ch, 0, g.n * g.s, k, s1, s2);
           finish(ch, k, s1, s2, mu, scale, shift);
+          if (!yp) continue;  // statistics only
           ncs_normalize<scalar_t, acc_t>(xp, yp, g, ch, 0, g.n * g.s, MeanSplit<acc_t>(mu),
                                          scale, shift);
         }
@@ -744,6 +754,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
       }
       finish(ch, first(ch), s1, s2, mus[ch], scales[ch], shifts[ch]);
     }
+    if (!yp) return;  // statistics only
     at::parallel_for(0, C * nb, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t ch = t / nb, q0, q1;
@@ -783,6 +794,7 @@ void train_forward_impl(const Tensor& x, const Tensor& w, const Tensor& b, doubl
     hi[ch] = ms.hi;
     lo[ch] = ms.lo;
   }
+  if (!yp) return;  // statistics only
   rc_normalize<scalar_t, acc_t>(xp, yp, rows, C, hi.data(), lo.data(), scales.data(),
                                 shifts.data());
 }
@@ -804,15 +816,17 @@ Tensor channel_vector(const c10::optional<Tensor>& t, at::ScalarType acc, int64_
 }
 
 // The training forward: (y, mu_b, biased_var_b, inv_std), inv_std = 1/sqrt(var + eps).
+// stats_only: y is not written (an undefined tensor is returned in its place).
 std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(const Tensor& x_in, const Tensor& weight,
-                                                         const Tensor& bias, double eps) {
+                                                         const Tensor& bias, double eps,
+                                                         bool stats_only = false) {
   TORCH_CHECK(x_in.dim() >= 2, "bnlab::bn_train_fwd: expected (N, C, *) input, got ",
               x_in.sizes());
   TORCH_CHECK(x_in.device().is_cpu(), "bnlab::bn_train_fwd: CPU tensors only");
   const Tensor x = as_supported_layout(x_in);
   const auto acc = at::toOpMathType(x.scalar_type());
   const int64_t C = x.size(1);
-  Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  Tensor y = stats_only ? Tensor() : at::empty_like(x, at::MemoryFormat::Preserve);
   Tensor mean = at::empty({C}, x.options().dtype(acc));
   Tensor var = at::empty({C}, x.options().dtype(acc));
   Tensor inv_std = at::empty({C}, x.options().dtype(acc));
@@ -835,9 +849,68 @@ std::tuple<Tensor, Tensor, Tensor> bn_train_fwd(const Tensor& x,
   return {y, mean, var};
 }
 
+// Algorithm 1, lines 1-2 only: (mu_b, biased_var_b), for SyncBatchNorm's local part.
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
+  auto [y, mean, var, inv_std] = train_forward(x, Tensor(), Tensor(), 1.0, /*stats_only=*/true);
+  return {mean, var};
+}
+
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
+
+// The dx pass of the backward: dx = k dy + a (x - mu) + b per channel (coefficients
+// from the two reduced sums), for every layout.
+template <typename scalar_t, typename acc_t>
+void rc_input_grad(const Raw<scalar_t>* __restrict__ dp, const Raw<scalar_t>* __restrict__ xp,
+                   Raw<scalar_t>* __restrict__ dxp, int64_t rows, int64_t C, const acc_t* ks,
+                   const acc_t* as, const acc_t* bs, const acc_t* mu) {
+  const int64_t W = tile_width(C);
+  const std::vector<acc_t> k_t = tiled(ks, C, W), a_t = tiled(as, C, W);
+  const std::vector<acc_t> b_t = tiled(bs, C, W), mu_t = tiled(mu, C, W);
+  const acc_t* __restrict__ kp = k_t.data();
+  const acc_t* __restrict__ ap = a_t.data();
+  const acc_t* __restrict__ bp = b_t.data();
+  const acc_t* __restrict__ mup = mu_t.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    const int64_t end = r1 * C;
+    for (int64_t p = r0 * C; p < end; p += W) {
+      const int64_t len = std::min(W, end - p);
+      Staging<scalar_t>::map2(
+          dp + p, xp + p, dxp + p, len,
+          [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+              auto* __restrict__ out, int64_t n) {
+            const acc_t* __restrict__ kk = kp + j0;
+            const acc_t* __restrict__ aa = ap + j0;
+            const acc_t* __restrict__ bb = bp + j0;
+            const acc_t* __restrict__ mm = mup + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) out[j] = kk[j] * d[j] + aa[j] * (v[j] - mm[j]) + bb[j];
+          });
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void input_grad_pass(const Raw<scalar_t>* dp, const Raw<scalar_t>* xp, Raw<scalar_t>* dxp,
+                     const Geometry& g, const acc_t* ks, const acc_t* as, const acc_t* bs,
+                     const acc_t* mu) {
+  if (g.layout == Layout::RC) {
+    rc_input_grad<scalar_t, acc_t>(dp, xp, dxp, g.n * g.s, g.c, ks, as, bs, mu);
+    return;
+  }
+  const int64_t nb = ncs_batch_tasks(g);
+  at::parallel_for(0, g.c * nb, std::max<int64_t>(1, channel_grain(g)), [&](int64_t t0,
+                                                                            int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t ch = t / nb, q0, q1;
+      split(g.n * g.s, nb, t % nb, q0, q1);
+      ncs_input_grad<scalar_t, acc_t>(dp, xp, dxp, g, ch, q0, q1, mu[ch], ks[ch], as[ch],
+                                      bs[ch]);
+    }
+  });
+}
+
 
 template <typename scalar_t>
 void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
@@ -955,29 +1028,7 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
     coefs(ch, s1, s2, ks[ch], as[ch], bs[ch]);
   }
   if (!dxp) return;
-  const std::vector<acc_t> k_t = tiled(ks.data(), C, W), a_t = tiled(as.data(), C, W);
-  const std::vector<acc_t> b_t = tiled(bs.data(), C, W);
-  const acc_t* __restrict__ kp = k_t.data();
-  const acc_t* __restrict__ ap = a_t.data();
-  const acc_t* __restrict__ bp = b_t.data();
-  const acc_t* __restrict__ mup = mu_t.data();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
-    const int64_t end = r1 * C;
-    for (int64_t p = r0 * C; p < end; p += W) {
-      const int64_t len = std::min(W, end - p);
-      Staging<scalar_t>::map2(
-          dp + p, xp + p, dxp + p, len,
-          [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
-              auto* __restrict__ out, int64_t n) {
-            const acc_t* __restrict__ kk = kp + j0;
-            const acc_t* __restrict__ aa = ap + j0;
-            const acc_t* __restrict__ bb = bp + j0;
-            const acc_t* __restrict__ mm = mup + j0;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) out[j] = kk[j] * d[j] + aa[j] * (v[j] - mm[j]) + bb[j];
-          });
-    }
-  });
+  rc_input_grad<scalar_t, acc_t>(dp, xp, dxp, rows, C, ks.data(), as.data(), bs.data(), mp);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad_y, const Tensor& x_in,
@@ -1011,6 +1062,49 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad_y, const Tensor& x_
     backward_impl<scalar_t>(dy, x, w, mu, is, g, dx_arg, sum_dy, sum_dyxhat);
   });
   return {dx, sum_dyxhat, sum_dy};
+}
+
+// dl/dx from sums reduced elsewhere (SyncBatchNorm: over every process), m values:
+//   dx = k dy - k sum_dy / m - (k inv_std^2 sum_dy_xmu / m) (x - mu),  k = gamma inv_std
+Tensor bn_input_grad(const Tensor& grad_y, const Tensor& x_in,
+                     const c10::optional<Tensor>& weight, const Tensor& mean,
+                     const Tensor& inv_std, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                     int64_t m) {
+  TORCH_CHECK(x_in.dim() >= 2 && grad_y.sizes() == x_in.sizes() && x_in.device().is_cpu() &&
+                  grad_y.device().is_cpu() && m > 0,
+              "bnlab::bn_input_grad: grad_y and x must be CPU tensors of one (N, C, *) shape "
+              "and m positive");
+  const Tensor x = as_supported_layout(x_in);
+  const Tensor dy = like_layout(grad_y, x);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t C = x.size(1);
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Preserve);
+  if (x.numel() == 0) return dx;
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor mu = channel_vector(mean, acc, C, "mean");
+  const Tensor is = channel_vector(inv_std, acc, C, "inv_std");
+  const Tensor s1 = sum_dy.to(at::kDouble).contiguous(), s2 = sum_dy_xmu.to(at::kDouble).contiguous();
+  TORCH_CHECK(s1.numel() == C && s2.numel() == C, "bnlab::bn_input_grad: sums must have ", C,
+              " elements");
+  const Geometry g = geometry_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_input_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* ip = is.const_data_ptr<acc_t>();
+    const double* p1 = s1.const_data_ptr<double>();
+    const double* p2 = s2.const_data_ptr<double>();
+    std::vector<acc_t> ks(C), as(C), bs(C);
+    for (int64_t ch = 0; ch < C; ++ch) {  // as backward_impl's coefs
+      const double inv = ip[ch], k = (wp ? static_cast<double>(wp[ch]) : 1.0) * inv;
+      ks[ch] = static_cast<acc_t>(k);
+      as[ch] = static_cast<acc_t>(-k * inv * inv * p2[ch] / static_cast<double>(m));
+      bs[ch] = static_cast<acc_t>(-k * p1[ch] / static_cast<double>(m));
+    }
+    input_grad_pass<scalar_t, acc_t>(raw_ptr<scalar_t>(dy), raw_ptr<scalar_t>(x),
+                                     raw_mut_ptr<scalar_t>(dx), g, ks.data(), as.data(),
+                                     bs.data(), mu.const_data_ptr<acc_t>());
+  });
+  return dx;
 }
 
 // ---------------------------------------------------------------------------
@@ -1314,6 +1408,10 @@ TORCH_LIBRARY(bnlab, m) {
   m.def(
       "bn_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor inv_std, bool need_x)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def(
+      "bn_input_grad(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor inv_std,"
+      " Tensor sum_dy, Tensor sum_dy_xmu, int m) -> Tensor");
   m.def(
       "bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var,"
       " float eps) -> Tensor");
@@ -1327,6 +1425,8 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_train_fwd", &bn_train_fwd);
   m.impl("bn_bwd", &bn_bwd);
   m.impl("bn_eval", &bn_eval);
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_input_grad", &bn_input_grad);
   m.impl("bn_train", &bn_train);  // inference_mode tensors skip the Autograd key
 }
 

@@ -6,17 +6,19 @@ BN is memory-bound: its cost is the bytes it moves. In one run this command
    tensor; bytes read plus written) for each thread count;
 2. for each shape and layout, times torch's native ``torch.nn.functional.batch_norm``,
    bnlab's compiled backend and bnlab's pure-PyTorch path (both through
-   ``bnlab.functional.batch_norm``, forced with ``bnlab.backend.using``), forward and
-   forward+backward, training mode with running statistics;
+   ``bnlab.functional.batch_norm``, forced with ``bnlab.backend.using``): ``fwd`` and
+   ``fwd+bwd`` in training mode with running statistics, ``eval`` in inference mode
+   (Algorithm 2's fixed affine map, under ``torch.no_grad``);
 3. prints each as median time, effective GB/s over the minimum traffic, the fraction
    of the copy bandwidth, and the ratio to torch timed in the same run;
 4. times one SGD training step of the Figure 1 network and of the small Inception
    network with bnlab's BN (compiled, pure) against the same network with torch's BN.
 
 Minimum traffic (what any implementation must move): the forward reads x once and
-writes y (2 tensors); forward+backward adds reading x and dy and writing dx (5).
-``%2pass`` is the same against a two-pass kernel's traffic (statistics, then output,
-each reading the input from memory: 3 and 8 tensors), the issue's "two-pass limit".
+writes y (2 tensors); forward+backward adds reading x and dy and writing dx (5); eval
+reads x and writes y (2). ``%2pass`` is the same against a two-pass kernel's traffic
+(statistics, then output, each reading the input from memory: 3 and 8 tensors; eval
+has one pass, 2), the issue's "two-pass limit".
 
 The implementations are timed round-robin (one call of each per round), so a busy
 host slows all of them alike; the headline is the ratio, never the absolute time.
@@ -52,11 +54,11 @@ DEFAULT_SHAPES = [
     "60x100",
 ]
 IMPLS = ("torch", "compiled", "pure")
-PASSES = ("fwd", "fwd+bwd")
-TRAFFIC = {"fwd": 2, "fwd+bwd": 5}  # tensors of x's size moved at the minimum
+PASSES = ("fwd", "fwd+bwd", "eval")
+TRAFFIC = {"fwd": 2, "fwd+bwd": 5, "eval": 2}  # tensors of x's size moved at the minimum
 # ... and by two-pass kernels (statistics pass, then output pass, re-reading the input
 # from memory): fwd reads x twice, bwd reads x and dy twice; both write once.
-TWO_PASS_TRAFFIC = {"fwd": 3, "fwd+bwd": 8}
+TWO_PASS_TRAFFIC = {"fwd": 3, "fwd+bwd": 8, "eval": 2}  # eval is one pass
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -158,9 +160,18 @@ def bench_shape(shape, channels_last, impls, passes, repeats, dtype) -> dict:
 
         return run
 
+    def inference(impl):
+        fn, mode = fns[impl], modes[impl]
+
+        def run():
+            with backend.using(mode), torch.no_grad():
+                return fn(x, rm, rv, w, b, False, 0.1, 1e-5)
+
+        return run
+
     results = {}
     for name in passes:
-        make = forward if name == "fwd" else forward_backward
+        make = {"fwd": forward, "fwd+bwd": forward_backward, "eval": inference}[name]
         timed = time_round_robin({impl: make(impl) for impl in impls}, repeats)
         for impl, t in timed.items():
             results[(impl, name)] = t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -111,7 +112,9 @@ def _run(args: argparse.Namespace) -> int:
                 return 1
             log(f"checkpoint: {args.out}")
     if torch.distributed.is_initialized():
+        del model  # with DDP's reference cycles freed below, while gloo can take the GIL
         torch.distributed.destroy_process_group()
+        gc.collect()  # not at interpreter shutdown, where gloo's threads abort the process
     return 0
 
 

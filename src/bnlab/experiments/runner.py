@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import json
 import multiprocessing as mp
@@ -378,6 +379,10 @@ def run_experiment(
             return build_report(out)
         finally:
             # Leave no process group behind: gloo's threads alive at interpreter exit can
-            # abort the process ("terminate called without an active exception").
+            # abort the process ("terminate called without an active exception"). DDP's
+            # reference cycles keep the group alive until a garbage collection; collect now,
+            # while a gloo thread finishing a collective can still take the GIL to free its
+            # tensors (at interpreter shutdown it cannot, and the process aborts).
             if info.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
+                gc.collect()

@@ -36,7 +36,7 @@ from torch.ao.quantization.fuser_method_mappings import (
 )
 
 from bnlab import functional as F
-from bnlab.autograd import batch_norm_inference, batch_norm_train, batch_norm_train_step
+from bnlab.autograd import batch_norm_train, batch_norm_train_step, normalize_by_stats
 
 __all__ = [
     "BatchNorm1d",
@@ -263,7 +263,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not use_batch_stats:  # Algorithm 2, step 11: the fixed affine map
             if running_mean is None or running_var is None:
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False)
-            return batch_norm_inference(input, running_mean, running_var, weight, bias, self.eps)
+            return normalize_by_stats(input, running_mean, running_var, weight, bias, self.eps)
         updates = self._updates_running_stats()
         step = batch_norm_train_step(  # one compiled call, where the kernels apply
             input,

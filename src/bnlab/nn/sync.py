@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
+from bnlab.autograd import batch_stats, grad_sums, input_grad, normalize_by_stats
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from bnlab.nn.convert import _TO_BNLAB, _TO_TORCH, map_modules, swap_module_class
 
@@ -109,7 +110,7 @@ def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     if m == 0:
         z = torch.zeros(x.shape[1], dtype=F.compute_dtype(x.dtype), device=x.device)
         return 0, z, z.clone()
-    mu, var = F.compute_batch_stats(x)
+    mu, var = batch_stats(x)  # the compiled kernels on the CPU
     return m, mu, var
 
 
@@ -162,7 +163,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, group, world_size):
         total, mean, biased_var = global_moments(x, group, world_size)
         inv_std = torch.rsqrt(biased_var + eps)
-        y = F.normalize(x, mean, inv_std, weight, bias)
+        y = normalize_by_stats(x, mean, biased_var, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, inv_std)
         ctx.total, ctx.group, ctx.world_size = total, group, world_size
         ctx.mark_non_differentiable(mean, biased_var)
@@ -173,7 +174,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _gm, _gv, _gt):
         x, weight, mean, inv_std = ctx.saved_tensors
         c = x.shape[1]
-        sum_dy, sum_dy_xmu, scratch = F.reduce_grad_sums(grad_y, x, mean)
+        sum_dy, sum_dy_xmu, scratch = grad_sums(grad_y, x, mean)
         # This process's share of dl/dgamma and dl/dbeta: DDP sums/averages them itself.
         grad_w = (sum_dy_xmu * inv_std).to(weight.dtype) if weight is not None else None
         grad_b = sum_dy.to(weight.dtype) if weight is not None else None
@@ -183,7 +184,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             lambda: dist.all_reduce(sums, group=ctx.group),
             ctx.world_size,
         )
-        grad_x = F.input_grad(
+        grad_x = input_grad(
             grad_y, x, weight, mean, inv_std, sums[:c], sums[c:], ctx.total, scratch
         )
         needs = ctx.needs_input_grad
