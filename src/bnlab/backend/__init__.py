@@ -316,6 +316,14 @@ def eval_forward(
     Only where no gradient is needed (``torch.no_grad``, inference, or no input that
     requires grad): the op has no derivative, and the Python path's is exact.
     """
+    if x.is_cpu and not torch.compiler.is_compiling():  # the fast entry (no boxing)
+        tensors = (x, running_mean, running_var, weight, bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return None
+        if not _compiled_ready() or not _plain(tensors):
+            return None
+        # The C++ side checks dtypes, sizes and devices (None if unsuitable).
+        return _state.module.eval_forward(x, weight, bias, running_mean, running_var, float(eps))
     route = _route(x, running_mean, running_var, weight, bias)
     if route == "native":
         return native.eval_forward(x, running_mean, running_var, weight, bias, eps)

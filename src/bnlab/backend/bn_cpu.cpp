@@ -859,6 +859,19 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
 // Backward
 // ---------------------------------------------------------------------------
 
+// A one-pass elementwise map over NCS input in memory order: body(channel, offset) for
+// run r (batch entry r / C, channel r % C; S contiguous values at offset r * S). Threads
+// take contiguous ranges of runs, so each streams through memory; visiting a channel's
+// runs one after another instead (they lie C * S apart) leaves the hardware prefetcher
+// behind on short runs: inference on (128, 256, 14, 14) took 2.1x torch's time that way.
+template <typename Body>
+void ncs_runs(const Geometry& g, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.s));
+  at::parallel_for(0, g.n * g.c, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) body(r % g.c, r * g.s);
+  });
+}
+
 // The dx pass of the backward: dx = k dy + a (x - mu) + b per channel (coefficients
 // from the two reduced sums), for every layout.
 template <typename scalar_t, typename acc_t>
@@ -899,15 +912,15 @@ void input_grad_pass(const Raw<scalar_t>* dp, const Raw<scalar_t>* xp, Raw<scala
     rc_input_grad<scalar_t, acc_t>(dp, xp, dxp, g.n * g.s, g.c, ks, as, bs, mu);
     return;
   }
-  const int64_t nb = ncs_batch_tasks(g);
-  at::parallel_for(0, g.c * nb, std::max<int64_t>(1, channel_grain(g)), [&](int64_t t0,
-                                                                            int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t ch = t / nb, q0, q1;
-      split(g.n * g.s, nb, t % nb, q0, q1);
-      ncs_input_grad<scalar_t, acc_t>(dp, xp, dxp, g, ch, q0, q1, mu[ch], ks[ch], as[ch],
-                                      bs[ch]);
-    }
+  ncs_runs(g, [&](int64_t ch, int64_t off) {
+    Staging<scalar_t>::map2(
+        dp + off, xp + off, dxp + off, g.s,
+        [&](int64_t, const auto* __restrict__ d, const auto* __restrict__ v,
+            auto* __restrict__ out, int64_t n) {
+          const acc_t kk = ks[ch], aa = as[ch], bb = bs[ch], m = mu[ch];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) out[i] = kk * d[i] + aa * (v[i] - m) + bb;
+        });
   });
 }
 
@@ -1137,14 +1150,14 @@ void eval_impl(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& 
                                   shifts.data());
     return;
   }
-  const int64_t nb = ncs_batch_tasks(g);
-  at::parallel_for(0, C * nb, std::max<int64_t>(1, channel_grain(g)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t ch = t / nb, q0, q1;
-      split(g.n * g.s, nb, t % nb, q0, q1);
-      ncs_normalize<scalar_t, acc_t>(xp, yp, g, ch, q0, q1, MeanSplit<acc_t>(mp[ch]),
-                                     scales[ch], shifts[ch]);
-    }
+  ncs_runs(g, [&](int64_t ch, int64_t off) {
+    Staging<scalar_t>::map1(
+        xp + off, yp + off, g.s,
+        [&](int64_t, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+          const acc_t h = hi[ch], sc = scales[ch], sh = shifts[ch];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) out[i] = (v[i] - h) * sc + sh;
+        });
   });
 }
 
@@ -1373,26 +1386,44 @@ bool updatable(const c10::optional<Tensor>& t, const Tensor& x) {
           at::isFloatingType(t->scalar_type()));
 }
 
+bool supported_input(const Tensor& x) {
+  const auto dtype = x.scalar_type();
+  return (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+          dtype == at::kBFloat16) &&
+         x.dim() >= 2 && x.numel() > 0 && x.device().is_cpu() && x.has_storage() &&
+         x.layout() == at::kStrided;
+}
+
+bool cpu_vector(const c10::optional<Tensor>& t, const Tensor& x) {
+  return !t.has_value() || !t->defined() ||
+         (t->device().is_cpu() && t->numel() == x.size(1) && t->has_storage() &&
+          at::isFloatingType(t->scalar_type()));
+}
+
+// bn_eval for plain eager calls from Python (bnlab.backend.eval_forward), without the
+// dispatcher's boxing; None where the kernels do not take these tensors.
+py::object eval_forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                        const Tensor& running_var, double eps) {
+  if (!supported_input(x) || !cpu_vector(weight, x) || !cpu_vector(bias, x) ||
+      !cpu_vector(running_mean, x) || !cpu_vector(running_var, x)) {
+    return py::none();
+  }
+  return py::cast(bn_eval(x, weight, bias, running_mean, running_var, eps));
+}
+
 // bn_train for plain eager calls from Python (bnlab.backend.train_step), without the
 // dispatcher's boxing; None where the kernels do not take these tensors.
 py::object train_step(const Tensor& x, const c10::optional<Tensor>& weight,
                       const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
                       c10::optional<Tensor> running_var, c10::optional<Tensor> num_batches_tracked,
                       c10::optional<double> momentum, double eps) {
-  const auto dtype = x.scalar_type();
-  const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                         dtype == at::kBFloat16;
-  if (!supported || x.dim() < 2 || x.numel() == 0 || !x.device().is_cpu() ||
-      !x.has_storage() || x.layout() != at::kStrided || !updatable(running_mean, x) ||
+  if (!supported_input(x) || !cpu_vector(weight, x) || !cpu_vector(bias, x) ||
+      !updatable(running_mean, x) ||
       !updatable(running_var, x) ||
       (running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
        running_var->defined() && running_mean->scalar_type() != running_var->scalar_type())) {
     return py::none();
-  }
-  for (const auto* t : {&weight, &bias}) {
-    if (t->has_value() && t->value().defined() && !t->value().device().is_cpu()) {
-      return py::none();
-    }
   }
   auto out = bn_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                       eps);
@@ -1437,6 +1468,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnlab's compiled CPU kernels (the ops are in torch.ops.bnlab)";
   m.def("train_step", &train_step,
         "bnlab::bn_train without the dispatcher's boxing; None where it does not apply");
+  m.def("eval_forward", &eval_forward,
+        "bnlab::bn_eval without the dispatcher's boxing; None where it does not apply");
 }
 
 }  // namespace bnlab
