@@ -566,6 +566,17 @@ int64_t channel_grain(const Geometry& g) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.n * g.s));
 }
 
+// An elementwise pass over RC input: body(p, len) for each super-row (len values from
+// offset p; value j of it belongs to channel j % C, as the tiled arrays are indexed).
+// Threads take contiguous ranges of rows.
+template <typename Body>
+void rc_super_rows(int64_t rows, int64_t C, int64_t W, const Body& body) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    const int64_t end = r1 * C;
+    for (int64_t p = r0 * C; p < end; p += W) body(p, std::min(W, end - p));
+  });
+}
+
 // The RC output pass: y = ((x - hi) - lo) * scale + shift per channel, over all rows.
 template <typename scalar_t, typename acc_t>
 void rc_normalize(const Raw<scalar_t>* __restrict__ xp, Raw<scalar_t>* __restrict__ yp,
@@ -578,21 +589,17 @@ void rc_normalize(const Raw<scalar_t>* __restrict__ xp, Raw<scalar_t>* __restric
   const acc_t* __restrict__ lp = lo_t.data();
   const acc_t* __restrict__ sp = sc_t.data();
   const acc_t* __restrict__ tp = sh_t.data();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
-    const int64_t end = r1 * C;
-    for (int64_t p = r0 * C; p < end; p += W) {
-      const int64_t len = std::min(W, end - p);
-      Staging<scalar_t>::map1(
-          xp + p, yp + p, len,
-          [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
-            const acc_t* __restrict__ h = hp + j0;
-            const acc_t* __restrict__ l = lp + j0;
-            const acc_t* __restrict__ sc = sp + j0;
-            const acc_t* __restrict__ sh = tp + j0;
+  rc_super_rows(rows, C, W, [&](int64_t p, int64_t len) {
+    Staging<scalar_t>::map1(
+        xp + p, yp + p, len,
+        [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+          const acc_t* __restrict__ h = hp + j0;
+          const acc_t* __restrict__ l = lp + j0;
+          const acc_t* __restrict__ sc = sp + j0;
+          const acc_t* __restrict__ sh = tp + j0;
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) out[j] = ((v[j] - h[j]) - l[j]) * sc[j] + sh[j];
-          });
-    }
+          for (int64_t j = 0; j < n; ++j) out[j] = ((v[j] - h[j]) - l[j]) * sc[j] + sh[j];
+        });
   });
 }
 
@@ -885,22 +892,18 @@ void rc_input_grad(const Raw<scalar_t>* __restrict__ dp, const Raw<scalar_t>* __
   const acc_t* __restrict__ ap = a_t.data();
   const acc_t* __restrict__ bp = b_t.data();
   const acc_t* __restrict__ mup = mu_t.data();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
-    const int64_t end = r1 * C;
-    for (int64_t p = r0 * C; p < end; p += W) {
-      const int64_t len = std::min(W, end - p);
-      Staging<scalar_t>::map2(
-          dp + p, xp + p, dxp + p, len,
-          [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
-              auto* __restrict__ out, int64_t n) {
-            const acc_t* __restrict__ kk = kp + j0;
-            const acc_t* __restrict__ aa = ap + j0;
-            const acc_t* __restrict__ bb = bp + j0;
-            const acc_t* __restrict__ mm = mup + j0;
+  rc_super_rows(rows, C, W, [&](int64_t p, int64_t len) {
+    Staging<scalar_t>::map2(
+        dp + p, xp + p, dxp + p, len,
+        [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+            auto* __restrict__ out, int64_t n) {
+          const acc_t* __restrict__ kk = kp + j0;
+          const acc_t* __restrict__ aa = ap + j0;
+          const acc_t* __restrict__ bb = bp + j0;
+          const acc_t* __restrict__ mm = mup + j0;
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) out[j] = kk[j] * d[j] + aa[j] * (v[j] - mm[j]) + bb[j];
-          });
-    }
+          for (int64_t j = 0; j < n; ++j) out[j] = kk[j] * d[j] + aa[j] * (v[j] - mm[j]) + bb[j];
+        });
   });
 }
 
