@@ -45,6 +45,7 @@ from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from bnlab.backend import build, native
+from bnlab.core import compute_dtype
 
 __all__ = [
     "BackendUnavailableError",
@@ -203,13 +204,18 @@ def _plain_cpu(tensors: tuple[Tensor | None, ...]) -> bool:
     return all(t is None or t.is_cpu for t in tensors) and _plain(tensors)
 
 
+def _records_grad(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether autograd records ops on these tensors (the kernels' ops have no derivative)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _route(x: Tensor, *others: Tensor | None) -> str | None:
     """Which kernels take this call: ``"compiled"`` (ours, CPU), ``"native"`` (torch's
     fused kernels, CUDA) or None (the pure-PyTorch path of :mod:`bnlab.core`)."""
     if x.dtype not in SUPPORTED_DTYPES or x.dim() < 2 or x.numel() == 0:
         return None
     tensors = (x, *others)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _records_grad(tensors):
         return None  # recording autograd (double backward): the differentiable pure path
     if x.is_cpu:
         return "compiled" if _plain_cpu(tensors) and _compiled_ready() else None
@@ -318,9 +324,7 @@ def eval_forward(
     """
     if x.is_cpu and not torch.compiler.is_compiling():  # the fast entry (no boxing)
         tensors = (x, running_mean, running_var, weight, bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return None
-        if not _compiled_ready() or not _plain(tensors):
+        if _records_grad(tensors) or not _compiled_ready() or not _plain(tensors):
             return None
         # The C++ side checks dtypes, sizes and devices (None if unsuitable).
         return _state.module.eval_forward(x, weight, bias, running_mean, running_var, float(eps))
@@ -410,13 +414,13 @@ def _kernel_output(x: Tensor) -> Tensor:
 
 
 def _fake_train_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    acc = compute_dtype(x.dtype)
     c = x.shape[1]
     return _kernel_output(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _fake_bwd(grad_y, x, weight, mean, inv_std, need_x: bool):
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    acc = compute_dtype(x.dtype)
     c = x.shape[1]
     grad_x = _kernel_output(x) if need_x else x.new_empty((0,))
     return grad_x, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
@@ -427,7 +431,7 @@ def _fake_eval(x, weight, bias, running_mean, running_var, eps: float):
 
 
 def _fake_stats(x):
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    acc = compute_dtype(x.dtype)
     return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
 
 

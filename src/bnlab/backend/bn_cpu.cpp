@@ -866,6 +866,18 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
 // Backward
 // ---------------------------------------------------------------------------
 
+// Coefficients of dx = k dy + a (x - mu) + b, the closed form of Section 3 for one channel
+// (gamma, inv_std, sum dy and sum dy (x - mu) over m values):
+//   k = gamma * inv_std, a = -k inv_std^2 sum_dy_xmu / m, b = -k sum_dy / m.
+template <typename acc_t>
+inline void input_grad_coefs(double gamma, double inv_std, double sum_dy, double sum_dy_xmu,
+                             double m, acc_t& k, acc_t& a, acc_t& b) {
+  const double kk = gamma * inv_std;
+  k = static_cast<acc_t>(kk);
+  a = static_cast<acc_t>(-kk * inv_std * inv_std * sum_dy_xmu / m);
+  b = static_cast<acc_t>(-kk * sum_dy / m);
+}
+
 // A one-pass elementwise map over NCS input in memory order: body(channel, offset) for
 // run r (batch entry r / C, channel r % C; S contiguous values at offset r * S). Threads
 // take contiguous ranges of runs, so each streams through memory; visiting a channel's
@@ -944,16 +956,11 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   const int64_t C = g.c;
   const double m = static_cast<double>(g.n) * static_cast<double>(g.s);
 
-  // Coefficients of dx = k dy + a (x - mu) + b:
-  //   k = gamma * inv_std, a = -k inv_std^2 sum_dy_xmu / m, b = -k sum_dy / m.
+  // The sums, then the coefficients of dx = k dy + a (x - mu) + b (input_grad_coefs).
   auto coefs = [&](int64_t ch, double s_dy, double s_dyxmu, acc_t& k, acc_t& a, acc_t& b) {
     sdy[ch] = static_cast<acc_t>(s_dy);
-    const double is = ip[ch];
-    sdx[ch] = static_cast<acc_t>(s_dyxmu * is);  // sum dy * xhat = dl/dgamma
-    const double kk = (wp ? static_cast<double>(wp[ch]) : 1.0) * is;
-    k = static_cast<acc_t>(kk);
-    a = static_cast<acc_t>(-kk * is * is * s_dyxmu / m);
-    b = static_cast<acc_t>(-kk * s_dy / m);
+    sdx[ch] = static_cast<acc_t>(s_dyxmu * ip[ch]);  // sum dy * xhat = dl/dgamma
+    input_grad_coefs(wp ? static_cast<double>(wp[ch]) : 1.0, ip[ch], s_dy, s_dyxmu, m, k, a, b);
   };
 
   if (g.layout == Layout::NCS) {
@@ -1110,11 +1117,9 @@ Tensor bn_input_grad(const Tensor& grad_y, const Tensor& x_in,
     const double* p1 = s1.const_data_ptr<double>();
     const double* p2 = s2.const_data_ptr<double>();
     std::vector<acc_t> ks(C), as(C), bs(C);
-    for (int64_t ch = 0; ch < C; ++ch) {  // as backward_impl's coefs
-      const double inv = ip[ch], k = (wp ? static_cast<double>(wp[ch]) : 1.0) * inv;
-      ks[ch] = static_cast<acc_t>(k);
-      as[ch] = static_cast<acc_t>(-k * inv * inv * p2[ch] / static_cast<double>(m));
-      bs[ch] = static_cast<acc_t>(-k * p1[ch] / static_cast<double>(m));
+    for (int64_t ch = 0; ch < C; ++ch) {
+      input_grad_coefs(wp ? static_cast<double>(wp[ch]) : 1.0, ip[ch], p1[ch], p2[ch],
+                       static_cast<double>(m), ks[ch], as[ch], bs[ch]);
     }
     input_grad_pass<scalar_t, acc_t>(raw_ptr<scalar_t>(dy), raw_ptr<scalar_t>(x),
                                      raw_mut_ptr<scalar_t>(dx), g, ks.data(), as.data(),
@@ -1382,13 +1387,8 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> bn_train(
   return {y, mean, var, skipped};
 }
 
-// A per-channel buffer the kernels update in place (else the caller's pure path runs).
-bool updatable(const c10::optional<Tensor>& t, const Tensor& x) {
-  return !t.has_value() || !t->defined() ||
-         (t->is_contiguous() && t->device().is_cpu() && t->numel() == x.size(1) &&
-          at::isFloatingType(t->scalar_type()));
-}
-
+// What the Python entry points below accept (else they return None and the caller's
+// pure path runs): an input the kernels take, per-channel CPU vectors.
 bool supported_input(const Tensor& x) {
   const auto dtype = x.scalar_type();
   return (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -1401,6 +1401,11 @@ bool cpu_vector(const c10::optional<Tensor>& t, const Tensor& x) {
   return !t.has_value() || !t->defined() ||
          (t->device().is_cpu() && t->numel() == x.size(1) && t->has_storage() &&
           at::isFloatingType(t->scalar_type()));
+}
+
+// A per-channel buffer the kernels update in place (else the caller's pure path runs).
+bool updatable(const c10::optional<Tensor>& t, const Tensor& x) {
+  return cpu_vector(t, x) && (!t.has_value() || !t->defined() || t->is_contiguous());
 }
 
 // bn_eval for plain eager calls from Python (bnlab.backend.eval_forward), without the

@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from bnlab.core import compute_dtype, reduce_dims
 
 
 def train_forward(
@@ -30,7 +28,7 @@ def train_forward(
     """``(y, mu_b, biased_var_b)`` by ``torch.native_batch_norm`` (training mode, no
     running statistics: bnlab updates those itself)."""
     y, mean, inv_std = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    acc = _acc(x.dtype)
+    acc = compute_dtype(x.dtype)
     biased_var = (inv_std.double().pow(-2) - eps).clamp_(min=0).to(acc)
     return y, mean.to(acc), biased_var
 
@@ -61,7 +59,7 @@ def backward(
         [need_x, need_w and weight is not None, need_b],
     )
     if need_b and weight is None and grad_b is None:  # torch skips it without a weight
-        grad_b = grad_y.sum([0, *range(2, x.dim())], dtype=_acc(x.dtype)).to(grad_y.dtype)
+        grad_b = grad_y.sum(reduce_dims(x), dtype=compute_dtype(x.dtype)).to(grad_y.dtype)
     return (
         grad_x if need_x else None,
         grad_w if need_w and weight is not None else None,

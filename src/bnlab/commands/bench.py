@@ -141,12 +141,12 @@ def bench_shape(shape, channels_last, impls, passes, repeats, dtype) -> dict:
     fns = {"torch": TF.batch_norm, "compiled": BF.batch_norm, "pure": BF.batch_norm}
     modes = {"torch": backend.mode(), "compiled": "compiled", "pure": "torch"}
 
-    def forward(impl):
+    def forward(impl, training=True):  # training=False: inference (the "eval" pass)
         fn, mode = fns[impl], modes[impl]
 
         def run():
             with backend.using(mode), torch.no_grad():
-                return fn(x, rm, rv, w, b, True, 0.1, 1e-5)
+                return fn(x, rm, rv, w, b, training, 0.1, 1e-5)
 
         return run
 
@@ -160,18 +160,13 @@ def bench_shape(shape, channels_last, impls, passes, repeats, dtype) -> dict:
 
         return run
 
-    def inference(impl):
-        fn, mode = fns[impl], modes[impl]
-
-        def run():
-            with backend.using(mode), torch.no_grad():
-                return fn(x, rm, rv, w, b, False, 0.1, 1e-5)
-
-        return run
-
     results = {}
     for name in passes:
-        make = {"fwd": forward, "fwd+bwd": forward_backward, "eval": inference}[name]
+        make = {
+            "fwd": forward,
+            "fwd+bwd": forward_backward,
+            "eval": lambda impl: forward(impl, training=False),
+        }[name]
         timed = time_round_robin({impl: make(impl) for impl in impls}, repeats)
         for impl, t in timed.items():
             results[(impl, name)] = t
