@@ -309,6 +309,36 @@ def test_sync_edges_on_two_gloo_processes():
     assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
 
 
+def _one_look_checks(rank):
+    from bnlab.experiments.runner import decided_on_main
+
+    info = DistInfo(rank=rank, world_size=2)
+
+    def only_rank_0(result):
+        def decide():
+            assert rank == 0, f"rank {rank} looked at the run folder itself"
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return decide
+
+    # Rank 0's decision (here: resume) is every rank's; rank 1 never looks for itself, so
+    # it cannot see the folder half-written by rank 0 and refuse it (CI's torchrun failure).
+    assert decided_on_main(only_rank_0(True), info) is True
+    # Rank 0's refusal reaches every rank with its message, instead of leaving rank 1
+    # waiting at a barrier for a peer that has exited.
+    with pytest.raises(ValueError, match=r"^--out x is not empty"):
+        decided_on_main(only_rank_0(ValueError("--out x is not empty; choose another")), info)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_run_folder_is_judged_once_by_rank_0_for_every_rank():
+    out = _spawn(_checked_worker, _one_look_checks, 2, 60)
+    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+
+
 @pytest.mark.parametrize(
     "error,expected,phrase",
     [

@@ -176,6 +176,44 @@ def _same_setting(key: str, saved, now) -> bool:
     return saved == now
 
 
+def _set_up_out_dir(exp, name: str, cfg, out: Path, identity: dict, resume: bool) -> bool:
+    """Check ``out`` (:func:`prepare_out_dir`), then write ``config.json`` and ``env.json``
+    for a new run and clear old worker errors; returns whether the run resumes."""
+    resuming = prepare_out_dir(out, name, identity, resume)
+    _check_writable(out)
+    if not resuming:
+        write_json(out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)})
+        write_json(out / "env.json", env_info())
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    for arm in exp.arms(cfg):  # every start, resumes included, begins clean
+        (work / f"{arm}.error").unlink(missing_ok=True)
+    return resuming
+
+
+def decided_on_main(decide, info: DistInfo):
+    """``decide()`` run by rank 0 alone; every rank returns its result, or raises its
+    ValueError.
+
+    Under torchrun the ranks must not look at the run folder each for itself: rank 0
+    creates and writes there, so a peer that looks a moment later sees a folder that is
+    no longer empty, refuses it, and the job dies ("Connection reset by peer" on rank 0).
+    One look, shared by a broadcast, also keeps the ranks from disagreeing on a file
+    system that only some of them see.
+    """
+    outcome: list = [None, None]  # [result, error message]
+    if info.is_main:
+        try:
+            outcome[0] = decide()
+        except ValueError as e:
+            outcome[1] = str(e)
+    if info.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ValueError(outcome[1])
+    return outcome[0]
+
+
 def _check_writable(out: Path) -> None:
     """Create ``out`` and write a probe file there, or say why not (before any training)."""
     problem = folder_problem(out)
@@ -319,23 +357,10 @@ def run_experiment(
             exp.check_data(cfg)
             out = Path(out)
             identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
-            resuming = prepare_out_dir(out, name, identity, resume)
-            if main:
-                _check_writable(out)
-            if world > 1:
-                dist.barrier()
+            resuming = decided_on_main(
+                lambda: _set_up_out_dir(exp, name, cfg, out, identity, resume), info
+            )
             work = out / "work"
-            if main:
-                if not resuming:
-                    write_json(
-                        out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)}
-                    )
-                    write_json(out / "env.json", env_info())
-                work.mkdir(exist_ok=True)
-                for arm in exp.arms(cfg):  # every start, resumes included, begins clean
-                    (work / f"{arm}.error").unlink(missing_ok=True)
-            if world > 1:
-                dist.barrier()
             arms = exp.arms(cfg)
             cores = os.cpu_count() or 1
             device = getattr(cfg, "device", "cpu")
