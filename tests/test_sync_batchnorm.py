@@ -16,7 +16,13 @@ from torch import nn
 import bnlab.nn as bnn
 import bnlab.nn.sync as sync_module
 from bnlab import recompute_population_stats
-from bnlab.distributed import DistInfo, DistributedDataParallel, shard, sync_running_stats
+from bnlab.distributed import (
+    DistInfo,
+    DistributedDataParallel,
+    decided_on_main,
+    shard,
+    sync_running_stats,
+)
 from bnlab.nn.sync import CollectiveError, CollectiveUsageError
 from bnlab.train.loop import train_distributed
 
@@ -310,8 +316,6 @@ def test_sync_edges_on_two_gloo_processes():
 
 
 def _one_look_checks(rank):
-    from bnlab.experiments.runner import decided_on_main
-
     info = DistInfo(rank=rank, world_size=2)
 
     def only_rank_0(result):

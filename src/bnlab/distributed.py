@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm, group_size
 __all__ = [
     "DistInfo",
     "DistributedDataParallel",
+    "decided_on_main",
     "init_distributed",
     "prepare_model",
     "shard",
@@ -84,6 +86,30 @@ def init_distributed(backend: str | None = None, timeout: float = 120.0) -> Dist
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank, world, local_rank, device)
+
+
+def decided_on_main(decide: Callable[[], Any], info: DistInfo) -> Any:
+    """``decide()`` run by rank 0 alone; every rank returns its result, or raises its
+    ValueError (with rank 0's message).
+
+    For decisions taken from shared state that rank 0 also changes, such as a run
+    folder it creates and writes: a peer that looked for itself a moment later would
+    see a folder no longer empty, refuse it, and kill the job ("Connection reset by
+    peer" on rank 0). One look, shared by a broadcast, also keeps the ranks from
+    disagreeing on a file system that only some of them see. A single process just
+    calls ``decide()``.
+    """
+    outcome: list = [None, None]  # [result, error message]
+    if info.is_main:
+        try:
+            outcome[0] = decide()
+        except ValueError as e:
+            outcome[1] = str(e)
+    if info.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ValueError(outcome[1])
+    return outcome[0]
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from bnlab.distributed import DistInfo, init_distributed
+from bnlab.distributed import DistInfo, decided_on_main, init_distributed
 from bnlab.train.io import atomic_write_text, folder_problem, read_json, read_jsonl, write_json
 from bnlab.train.loop import train
 
@@ -189,29 +189,6 @@ def _set_up_out_dir(exp, name: str, cfg, out: Path, identity: dict, resume: bool
     for arm in exp.arms(cfg):  # every start, resumes included, begins clean
         (work / f"{arm}.error").unlink(missing_ok=True)
     return resuming
-
-
-def decided_on_main(decide, info: DistInfo):
-    """``decide()`` run by rank 0 alone; every rank returns its result, or raises its
-    ValueError.
-
-    Under torchrun the ranks must not look at the run folder each for itself: rank 0
-    creates and writes there, so a peer that looks a moment later sees a folder that is
-    no longer empty, refuses it, and the job dies ("Connection reset by peer" on rank 0).
-    One look, shared by a broadcast, also keeps the ranks from disagreeing on a file
-    system that only some of them see.
-    """
-    outcome: list = [None, None]  # [result, error message]
-    if info.is_main:
-        try:
-            outcome[0] = decide()
-        except ValueError as e:
-            outcome[1] = str(e)
-    if info.world_size > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise ValueError(outcome[1])
-    return outcome[0]
 
 
 def _check_writable(out: Path) -> None:
