@@ -101,11 +101,22 @@ Geometry geometry_of(const Tensor& x) {
   return {rc ? Layout::RC : Layout::NCS, n, c, s};
 }
 
+// The memory format of x once it is in a layout the kernels take (as_supported_layout):
+// the one place that names it. Every tensor read beside x (grad_y) must be laid out in
+// this format, not in its suggest_memory_format(): that heuristic looks at the strides of
+// size-1 dims too, and for a channels_last-dense x such as (4, 3, 10, 1) with strides
+// (30, 1, 3, 1) it answers Contiguous, which made dy be read in another order than x
+// (wrong gradients, found by review; torch 2.13's own CPU kernel gets this case wrong).
+at::MemoryFormat kernel_format(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+}
+
 // Bring t to the layout of x (grad_y may come strided, expanded or in another format).
+// is_contiguous(format) ignores the strides of size-1 dims, as the kernels' indexing does.
 Tensor like_layout(const Tensor& t_in, const Tensor& x) {
   const Tensor t = t_in.scalar_type() == x.scalar_type() ? t_in : t_in.to(x.scalar_type());
-  if (x.is_contiguous()) return t.is_contiguous() ? t : t.contiguous();
-  const auto format = x.suggest_memory_format();
+  const auto format = kernel_format(x);
   return t.is_contiguous(format) ? t : t.contiguous(format);
 }
 
