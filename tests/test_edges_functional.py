@@ -16,6 +16,8 @@ import torch.nn.functional as TF
 
 import bnlab.autograd
 import bnlab.core
+import bnlab.nn
+from bnlab import backend
 from bnlab import functional as F
 from bnlab.data import mnist as mnist_mod
 from bnlab.functional import batch_norm as public_batch_norm
@@ -194,3 +196,33 @@ def test_packaged_mnist_closes_its_file(monkeypatch):
     monkeypatch.setattr(mnist_mod.gzip, "open", tracking_open)
     mnist_mod.load_packaged_mnist()
     assert opened and all(f.closed for f in opened)
+
+
+# --------------------------------------------------------------------------
+# momentum=None: refused by the functional form on both paths, as by torch
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["compiled", "torch"])
+@pytest.mark.parametrize("fn", [F.batch_norm, F.batch_norm_tracked])
+def test_functional_momentum_none_is_refused_on_both_paths(fn, mode):
+    """The compiled path read None as 0 (running statistics silently unchanged), the pure
+    path raised a TypeError from inside lerp_; both now refuse it up front, with the fix."""
+    rm, rv = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+    with pytest.raises(TypeError, match=r"momentum=None.*num_batches_tracked.*1/k"):
+        with backend.using(mode):
+            fn(torch.randn(8, 3, dtype=DT), rm, rv, training=True, momentum=None)
+    with pytest.raises(TypeError, match="momentum"):  # torch refuses it too
+        TF.batch_norm(torch.randn(8, 3, dtype=DT), rm, rv, training=True, momentum=None)
+    assert torch.equal(rm, torch.zeros(3, dtype=DT)) and torch.equal(rv, torch.ones(3, dtype=DT))
+
+
+@pytest.mark.parametrize("mode", ["compiled", "torch"])
+def test_module_momentum_none_is_the_cumulative_average_on_both_paths(mode):
+    bn = bnlab.nn.BatchNorm1d(3, momentum=None, dtype=DT)
+    xs = [torch.randn(6, 3, dtype=DT) * (i + 1) + i for i in range(3)]
+    with backend.using(mode):
+        for x in xs:
+            bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in xs]).mean(0))

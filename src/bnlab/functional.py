@@ -124,7 +124,9 @@ def batch_norm(
         weight, bias: gamma and beta, (C,) or None.
         training: use batch statistics (and update the running ones).
         momentum: factor of the running-statistics update (PyTorch's convention:
-            ``new = (1 - momentum) * old + momentum * batch``).
+            ``new = (1 - momentum) * old + momentum * batch``). ``None`` is refused
+            with a TypeError, as by torch: the modules' cumulative average needs their
+            batch count (pass ``1 / k`` for the k-th batch instead).
         eps: added to the variance for numerical stability; > 0 in training.
 
     Shape:
@@ -132,8 +134,8 @@ def batch_norm(
 
     Raises:
         TypeError, ValueError: for input batch norm cannot take (see
-            :func:`check_batch_norm_input`), a refused ``eps``, or missing
-            running statistics in eval mode.
+            :func:`check_batch_norm_input`), a refused ``eps``, ``momentum=None``,
+            or missing running statistics in eval mode.
     """
     y, _ = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y
@@ -178,6 +180,16 @@ def _batch_norm(
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`batch_norm_tracked`; ``skipped`` only when ``tracked`` (else None), as
     building it costs a small op per call."""
+    if momentum is None:
+        # torch.nn.functional.batch_norm refuses None too. The modules' momentum=None, a
+        # cumulative average (1 / num_batches_tracked), needs a batch count that a
+        # functional call does not have; silently reading None as 0 (the compiled path
+        # did) left the running statistics unchanged.
+        raise TypeError(
+            "batch_norm: momentum=None (a cumulative average) needs the batch count that "
+            "the modules keep in num_batches_tracked, and a functional call has none; pass "
+            "momentum=1/k for the k-th batch, or use bnlab.nn.BatchNorm*d(momentum=None)"
+        )
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
     if training:
