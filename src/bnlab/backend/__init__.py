@@ -18,7 +18,8 @@ or ``None`` where neither applies and the pure-PyTorch path of :mod:`bnlab.core`
   which need the autograd.Function's own vmap/jvp rules;
 * autograd recording (``requires_grad`` input with grad mode on: double backward),
   because the custom ops have no derivative of their own (``train_step`` records
-  its own node and is the exception).
+  its own node and is the exception);
+* ``torch.jit.trace``: the trace must record ATen ops, which the pure path is made of.
 
 ``BNLAB_BACKEND`` (read once per process) selects the path: ``compiled`` (an error,
 naming the cause, when the kernels cannot be built), ``torch`` (never build), or
@@ -158,6 +159,11 @@ def _compiled_ready() -> bool:
     """Whether to use the kernels at all; warns once or raises per ``BNLAB_BACKEND``."""
     wanted = mode()
     if wanted == "torch":
+        return False
+    if torch._C._get_tracing_state() is not None:
+        # torch.jit.trace records dispatcher ops only; the kernels' Python entry points
+        # bypass it, so a trace would hold an empty_like and return uninitialised memory
+        # (and never update running statistics). The pure path's ATen ops are recorded.
         return False
     if not _state.tried and torch.compiler.is_compiling():
         # No build inside a trace: this graph keeps the pure path. Calling

@@ -221,7 +221,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average
-            if _is_batched(self.num_batches_tracked):  # under vmap: no data-dependent float()
+            # Under vmap no data-dependent float(); under torch.jit.trace a float would be
+            # a constant of the trace: a tensor keeps 1 / count in the traced graph.
+            if _is_batched(self.num_batches_tracked) or torch._C._get_tracing_state():
                 return 1.0 / self.num_batches_tracked
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
@@ -255,7 +257,39 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 self._warned_nonfinite = True
                 warn_nonfinite_stats(self, mu_b, biased_var_b)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: refuse with the fix, instead of
+        TorchScript's error about a missing attribute deep inside our forward (which
+        runs Python dispatch and C++ kernels that TorchScript cannot compile)."""
+        name = type(self).__name__
+        if type(self) in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
+            fix = (
+                "script a copy whose BN layers are torch's, with the same state: "
+                "torch.jit.script(bnlab.nn.revert_batchnorm(copy.deepcopy(model)))"
+            )
+        else:
+            fix = (
+                f"{name} has no TorchScript form; for deployment put the model in eval mode "
+                "and fold BN into the preceding layers (bnlab.fold_batchnorm), or revert it "
+                "to torch's BN (bnlab.nn.revert_batchnorm) where the math allows"
+            )
+        raise RuntimeError(
+            f"torch.jit.script cannot compile bnlab's {name}: {fix}; or record the model "
+            "with torch.jit.trace or torch.export.export, which work on it as it is"
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if torch._C._get_tracing_state() is not None and not self.training:
+            # torch.jit.trace of inference BN (the pure path's ATen ops; see bnlab.backend):
+            # the checks of channels and sizes read traced sizes, and the tracer warns that
+            # their results are constants, as they are for a module. In training the
+            # warnings stay: there the trace bakes in the batch size, as torch's BN does.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._forward(input)
+        return self._forward(input)
+
+    def _forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         weight, bias, running_mean, running_var = self._check_state_sizes()
         # Batch statistics in training, and in eval when no running ones are kept.

@@ -202,21 +202,13 @@ class _BatchRenorm(_BatchNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if not self.training:  # BN's eval: the moving statistics (Algorithm 2, step 11)
+            self._check_moving_stats()
+            return super().forward(input)
         self._check_input_dim(input)
         self._check_state_sizes()
         self._check_moving_stats()
-        F.check_batch_norm_input(input, self.training, self.eps if self.training else None)
-        if not self.training:  # BN's eval: the moving statistics (Algorithm 2, step 11)
-            return F.batch_norm(
-                input,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                False,
-                0.0,
-                self.eps,
-            )
+        F.check_batch_norm_input(input, True, self.eps)
         # The limits of this step, from the module's own count (on the device, no sync).
         # A checkpoint's recomputation (torch.utils.checkpoint) sees the count and moving
         # statistics its original forward already updated, so its r and d can differ.
