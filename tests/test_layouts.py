@@ -259,3 +259,44 @@ def test_sync_batchnorm_layout_sweep_on_two_gloo_processes():
         for p in procs:
             p.join(timeout=60)
     assert all(v[0] == "ok" for v in out.values()), out
+
+
+# --------------------------------------------------------------------------
+# Every module is layout-invariant: an odd layout gives what its contiguous copy gives
+# --------------------------------------------------------------------------
+
+
+def _variants(c):
+    return {
+        "BatchNorm": bnn.BatchNorm2d(c, dtype=torch.float64),
+        "Ghost": bnn.GhostBatchNorm2d(c, virtual_batch_size=2, dtype=torch.float64),
+        "Renorm": bnn.BatchRenorm2d(c, dtype=torch.float64),
+        "SyncLocal": bnn.SyncBatchNorm(c, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["BatchNorm", "Ghost", "Renorm", "SyncLocal"])
+@pytest.mark.parametrize("shape", [(4, 3, 10, 1), (4, 3, 1, 5), (5, 2, 3, 3)], ids=str)
+def test_every_module_is_layout_invariant(shape, name, mode):
+    rng = random.Random(5)
+    grad_layouts = [g for _, g in layouts(shape, rng)]
+    for layout, x0 in layouts(shape, rng):
+        grad_y = rng.choice(grad_layouts)
+        odd, plain = _variants(shape[1])[name], _variants(shape[1])[name]
+        for module in (odd, plain):
+            with torch.no_grad():
+                module.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+                module.running_mean.fill_(0.3)
+        outs = []
+        for module, x in ((odd, x0), (plain, x0.contiguous())):
+            x = x.detach().requires_grad_()
+            with backend.using(mode):
+                y = module(x)
+                grads = torch.autograd.grad(y, [x, *module.parameters()], grad_y)
+                module.eval()
+                y_eval = module(x.detach())
+            outs.append((y, *grads, y_eval, module.running_mean, module.running_var))
+        for a, b in zip(*outs):
+            err = (a - b).abs().max().item()
+            assert err < 1e-12, f"{name} {mode} {shape} {layout}: {err}"
