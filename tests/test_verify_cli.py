@@ -12,6 +12,8 @@ def test_run_checks_all_pass_on_cpu():
     results = run_checks("cpu", ["float32", "bfloat16"])
     assert len(results) >= 10
     assert all(r.passed for r in results), format_table(results, "cpu")
+    # The layouts where torch 2.13's CPU kernel gives wrong gradients (tests/test_layouts.py).
+    assert any(r.name == "BN on odd layouts vs float64 math" for r in results)
 
 
 def test_table_reports_failures():

@@ -100,6 +100,45 @@ def _dtype_accuracy(dtype: torch.dtype, device: str) -> float:
     return _max_err([y, gx], [y64, gx64])
 
 
+def _odd_layouts(device: str) -> float:
+    """Max error of BN modules' outputs and gradients on inputs laid out unusually
+    (channels_last with odd strides on size-1 dims, N = 1 with an odd batch stride, a
+    strided slice) against float64 math on a contiguous copy. torch 2.13's own CPU kernel
+    gets the first of these wrong, so the reference is the formula, not torch."""
+    import bnlab.nn as bnn
+
+    gen = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device) * 2 + 1
+
+    inputs = [
+        randn(4, 10, 3).transpose(1, 2).unsqueeze(-1),  # (N, L, C) as (N, C, L, 1)
+        randn(1, 5, 6, 3).permute(0, 3, 1, 2).as_strided((1, 3, 5, 6), (7, 1, 18, 3)),
+        randn(2, 1, 4, 4, 3).permute(0, 4, 1, 2, 3),  # channels_last_3d, D = 1
+        randn(6, 3, 9)[:, :, ::2],
+    ]
+    worst = 0.0
+    for x0 in inputs:
+        cls = {3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}[x0.dim()]
+        bn = cls(x0.shape[1], device=device, dtype=torch.float64)
+        g = randn(*x0.shape)
+        x = x0.detach().requires_grad_()
+        y = bn(x)
+        ours = [y, *torch.autograd.grad(y, [x, bn.weight, bn.bias], g)]
+        # Algorithm 1 in float64 on a contiguous copy, differentiated by autograd.
+        xr = x0.detach().contiguous().requires_grad_()
+        wr, br = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone()
+        br.requires_grad_()
+        dims, view = [0, *range(2, x0.dim())], [1, -1] + [1] * (x0.dim() - 2)
+        mu = xr.mean(dims, keepdim=True)
+        var = ((xr - mu) ** 2).mean(dims, keepdim=True)
+        yr = (xr - mu) * torch.rsqrt(var + bn.eps) * wr.view(view) + br.view(view)
+        ref = [yr, *torch.autograd.grad(yr, [xr, wr, br], g.contiguous())]
+        worst = max(worst, _max_err(ours, ref))
+    return worst
+
+
 # The paper's properties hold exactly at eps = 0, which training refuses (as torch does);
 # 1e-30 is lost against a variance of order 1 in float64, so they still hold to rounding.
 TINY_EPS = 1e-30
@@ -192,6 +231,9 @@ def run_checks(device: str = "cpu", dtypes: list[str] | None = None) -> list[Che
                 name, "float64", _parity_with_torch(ours_cls, ref_cls, shape, device, cl), tol64
             )
         )
+    results.append(
+        CheckResult("BN on odd layouts vs float64 math", "float64", _odd_layouts(device), tol64)
+    )
     for name in dtypes:
         dt = DTYPES[name]
         results.append(
