@@ -4,6 +4,15 @@ Fine-tuning with small batches usually wants BN frozen at its population
 statistics (Algorithm 2, step 11), but ``model.train()`` switches every BN back
 to batch statistics and moving-average updates. A frozen BN ignores that switch:
 it keeps normalizing with E[x] and Var[x] and never updates them.
+
+The freeze is a ``train`` override on the layer itself, so it works on torch's BN
+classes as on bnlab's, and every bnlab converter carries it to the layer it builds
+(``replace_batchnorm`` / ``revert_batchnorm``, ``convert_sync_batchnorm`` /
+``revert_sync_batchnorm``, Batch Renorm, ghost BN), in both directions, with the
+``train_affine`` setting (the parameters are shared, so are their ``requires_grad``)
+and the flags :func:`unfreeze_batchnorm` restores. torch's own
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` builds unfrozen layers: use
+``bnlab.nn.convert_sync_batchnorm``, or freeze after converting.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnlab.graph import is_batchnorm
+from bnlab.nn.convert import _SWAP_HOOKS
 
 __all__ = ["freeze_batchnorm", "is_frozen", "unfreeze_batchnorm"]
 
@@ -37,6 +47,22 @@ def is_frozen(module: nn.Module) -> bool:
     return hasattr(module, _FLAG)
 
 
+def _freeze_layer(m: nn.Module, saved_requires_grad: dict[str, bool]) -> None:
+    """Keep ``m`` in eval mode; ``saved_requires_grad`` is what unfreezing restores."""
+    setattr(m, _FLAG, dict(saved_requires_grad))
+    m.train = _StayInEval(m)
+    nn.Module.train(m, False)
+
+
+def _carry_freeze(old: nn.Module, new: nn.Module) -> None:
+    """A layer that a converter builds from a frozen one is frozen too."""
+    if is_frozen(old):
+        _freeze_layer(new, getattr(old, _FLAG))
+
+
+_SWAP_HOOKS.append(_carry_freeze)
+
+
 def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
     """Freeze every BN layer of ``model`` in inference mode, in place.
 
@@ -46,7 +72,8 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
     then they (and nothing else of the BN: the running statistics are buffers
     that stay fixed) still receive gradients. Other layers are not touched.
     Freezing twice is harmless; :func:`unfreeze_batchnorm` restores the
-    ``requires_grad`` flags from before the first freeze.
+    ``requires_grad`` flags from before the first freeze. bnlab's converters
+    keep frozen layers frozen (see the module docstring).
 
     Args:
         model: the network; modified in place and returned.
@@ -72,10 +99,10 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
             "(BN with track_running_stats=False always uses batch statistics)"
         )
     for m in bns:
-        if not is_frozen(m):
-            setattr(m, _FLAG, {n: p.requires_grad for n, p in m.named_parameters()})
-        m.train = _StayInEval(m)
-        nn.Module.train(m, False)
+        saved = getattr(m, _FLAG, None)
+        if saved is None:  # the first freeze: remember the flags unfreezing restores
+            saved = {n: p.requires_grad for n, p in m.named_parameters()}
+        _freeze_layer(m, saved)
         for p in m.parameters():
             p.requires_grad_(train_affine)
     return model

@@ -3,6 +3,8 @@ to Batch Renorm or ghost batch normalization."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -26,15 +28,26 @@ _TO_BNLAB: dict[type, type] = {
 }
 _TO_TORCH: dict[type, type] = {v: k for k, v in _TO_BNLAB.items()}
 
+# Classes with synchronized statistics (a ``process_group``). bnlab.nn.sync adds its
+# SyncBatchNorm, which is not a torch.nn.SyncBatchNorm (so that torch's DDP takes it on CPU).
+_SYNC_CLASSES: list[type] = [nn.SyncBatchNorm]
+
+# Called as ``hook(old, new)`` by every swap, after the state is moved over: how layer
+# settings that live outside the constructor survive a conversion. bnlab.freeze adds
+# the one that keeps a frozen layer frozen (registered there, as that module imports
+# this one).
+_SWAP_HOOKS: list[Callable[[nn.Module, nn.Module], None]] = []
+
 
 def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module:
     """A new BN module of class ``cls`` with ``module``'s settings, state and mode.
 
     Parameters and buffers are shared with ``module`` (not copied), so the
     swap costs no memory and optimizers holding the parameters keep working.
-    A SyncBatchNorm target keeps ``module``'s ``process_group`` when it has one.
+    A SyncBatchNorm target keeps ``module``'s ``process_group`` when it has one, and
+    a frozen ``module`` (:func:`bnlab.freeze_batchnorm`) gives a frozen layer.
     """
-    if issubclass(cls, nn.SyncBatchNorm) and "process_group" not in extra_kwargs:
+    if issubclass(cls, tuple(_SYNC_CLASSES)) and "process_group" not in extra_kwargs:
         extra_kwargs["process_group"] = getattr(module, "process_group", None)
     new = cls(
         module.num_features,
@@ -57,6 +70,8 @@ def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module
     new.train(module.training)
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
+    for hook in _SWAP_HOOKS:
+        hook(module, new)
     return new
 
 
@@ -122,7 +137,7 @@ _TO_GHOST: dict[type, type] = {
 
 
 def _refuse_sync(m: nn.Module, target: str) -> None:
-    if isinstance(m, nn.SyncBatchNorm):
+    if isinstance(m, tuple(_SYNC_CLASSES)):
         raise TypeError(
             f"cannot convert {type(m).__name__} to {target}: synchronized statistics are not "
             f"implemented for it. Convert the model to {target} before (instead of) "
