@@ -16,13 +16,7 @@ from torch import nn
 import bnlab.nn as bnn
 import bnlab.nn.sync as sync_module
 from bnlab import recompute_population_stats
-from bnlab.distributed import (
-    DistInfo,
-    DistributedDataParallel,
-    decided_on_main,
-    shard,
-    sync_running_stats,
-)
+from bnlab.distributed import DistInfo, decided_on_main, shard, sync_running_stats
 from bnlab.nn.sync import CollectiveError, CollectiveUsageError
 from bnlab.train.loop import train_distributed
 
@@ -278,10 +272,10 @@ def _edge_checks(rank):
     else:
         sync(torch.randn(4, 3))  # a group of one: local BN
     dist.barrier()
-    # torch's DDP refuses any nn.SyncBatchNorm on CPU; ours accepts bnlab's.
+    # torch's DDP refuses torch's nn.SyncBatchNorm on CPU, not bnlab's (no subclass of it).
     with pytest.raises(ValueError, match="only work with GPU"):
-        torch.nn.parallel.DistributedDataParallel(bnn.convert_sync_batchnorm(_mlp()))
-    DistributedDataParallel(bnn.convert_sync_batchnorm(_mlp()))
+        torch.nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(_mlp()))
+    torch.nn.parallel.DistributedDataParallel(bnn.convert_sync_batchnorm(_mlp()))
     # sync_running_stats: each rank's statistics describe its own equal share of the
     # data, so "mean" gives those of the whole data: the mean of the means, and the
     # mean variance plus the spread of the rank means.

@@ -13,12 +13,18 @@ The training loop itself is :func:`bnlab.train.loop.train`, shared by every
 experiment; :func:`bnlab.train.loop.train_distributed` trains one network.
 :func:`sync_running_stats` makes per-process running statistics agree before
 evaluation (PyTorch issue 30718).
+
+The model is wrapped in torch's own ``torch.nn.parallel.DistributedDataParallel``:
+bnlab's SyncBatchNorm is not a ``torch.nn.SyncBatchNorm`` (see :mod:`bnlab.nn.sync`),
+so torch's DDP takes it on CPU, as every engine built on torch's DDP needs.
+``bnlab.distributed.DistributedDataParallel`` remains only as a deprecated name for it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +35,10 @@ from torch import nn
 
 from bnlab import functional as F
 from bnlab.graph import is_batchnorm
-from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm, group_size
+from bnlab.nn.sync import convert_sync_batchnorm, group_size
 
 __all__ = [
     "DistInfo",
-    "DistributedDataParallel",
     "decided_on_main",
     "init_distributed",
     "prepare_model",
@@ -121,7 +126,7 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
 def prepare_model(model: nn.Module, info: DistInfo, stats: str = "sync") -> nn.Module:
     """Move to the device, use global ("sync") or per-process ("ghost") BN statistics,
-    and wrap in DistributedDataParallel when there is more than one process."""
+    and wrap in torch's DistributedDataParallel when there is more than one process."""
     if stats not in STATS:
         raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     model = model.to(info.device)
@@ -130,26 +135,22 @@ def prepare_model(model: nn.Module, info: DistInfo, stats: str = "sync") -> nn.M
     if stats == "sync":
         model = convert_sync_batchnorm(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-class DistributedDataParallel(nn.parallel.DistributedDataParallel):
-    """torch's DistributedDataParallel, accepting bnlab's SyncBatchNorm on CPU.
-
-    torch's DDP refuses every ``torch.nn.SyncBatchNorm`` on CPU, since torch's
-    kernel needs a GPU; bnlab's SyncBatchNorm subclasses it (so tools find it)
-    but runs on CPU with gloo. This wrapper keeps torch's refusal for torch's
-    own SyncBatchNorm only.
-    """
-
-    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
-        torch_sync = [
-            m
-            for m in module.modules()
-            if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)
-        ]
-        if torch_sync:
-            super()._passing_sync_batchnorm_handle(module)
+def __getattr__(name: str) -> Any:
+    # bnlab.distributed.DistributedDataParallel: once a subclass of torch's DDP that let
+    # bnlab's SyncBatchNorm through on CPU; torch's own DDP takes it now.
+    if name == "DistributedDataParallel":
+        warnings.warn(
+            "bnlab.distributed.DistributedDataParallel is deprecated: it is now torch's "
+            "torch.nn.parallel.DistributedDataParallel, which accepts bnlab's SyncBatchNorm "
+            "on CPU; use that",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return nn.parallel.DistributedDataParallel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sync_running_stats(

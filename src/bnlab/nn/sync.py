@@ -8,11 +8,20 @@ exact for unequal slice sizes, and empty slices). The backward needs the two
 per-channel gradient sums of the whole batch (``reduce_grad_sums``), exchanged
 in one all_reduce. Unlike ``torch.nn.SyncBatchNorm`` this works on CPU (gloo).
 
-bnlab's SyncBatchNorm subclasses ``torch.nn.SyncBatchNorm``, so torch's
-``DistributedDataParallel`` refuses it on CPU ("SyncBatchNorm layers only work
-with GPU modules", a check meant for torch's CUDA-only kernel): on CPU wrap the
-model with :class:`bnlab.distributed.DistributedDataParallel` (what
-:func:`bnlab.distributed.prepare_model` does).
+bnlab's SyncBatchNorm is a BN layer to every tool that looks for torch's
+``torch.nn.modules.batchnorm._BatchNorm`` (it subclasses bnlab's and so torch's
+``_BatchNorm``), but it is *not* a ``torch.nn.SyncBatchNorm``:
+``isinstance(m, torch.nn.SyncBatchNorm)`` is False. torch's
+``DistributedDataParallel`` refuses every ``torch.nn.SyncBatchNorm`` on CPU ("SyncBatchNorm
+layers only work with GPU modules", a check meant for torch's CUDA-only kernel), and
+every engine (torchrun scripts, Lightning, Accelerate, Ray Train) wraps with torch's
+DDP, so a subclass could not be used on CPU where people train. The price: code that
+looks for torch's class by ``isinstance`` does not see ours: reverters such as
+Lightning's ``TorchSyncBatchNorm.revert`` and mmcv's ``revert_sync_batchnorm`` leave our
+layers in place (use :func:`revert_sync_batchnorm`), and
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` treats ours as a plain BN layer (it
+replaces it by torch's SyncBatchNorm, as it would a BatchNorm2d). bnlab's own tools
+(converters, population statistics) know both classes.
 """
 
 from __future__ import annotations
@@ -28,7 +37,13 @@ from torch.autograd.function import once_differentiable
 from bnlab import functional as F
 from bnlab.autograd import batch_stats, grad_sums, input_grad, normalize_by_stats
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from bnlab.nn.convert import _TO_BNLAB, _TO_TORCH, map_modules, swap_module_class
+from bnlab.nn.convert import (
+    _SYNC_CLASSES,
+    _TO_BNLAB,
+    _TO_TORCH,
+    map_modules,
+    swap_module_class,
+)
 
 __all__ = [
     "CollectiveError",
@@ -198,7 +213,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         )
 
 
-class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     """Batch Normalization with statistics over all processes of a group.
 
     Same constructor and state-dict keys as ``torch.nn.SyncBatchNorm``; accepts
@@ -208,11 +223,11 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
     running statistics (unbiased global variance) are identical on every process.
     Otherwise (eval mode, not distributed, world size 1) it is plain local BN.
 
-    A subclass of ``torch.nn.SyncBatchNorm`` (and so of torch's ``_BatchNorm``):
-    tools that look for either find it. Its classmethod ``convert_sync_batchnorm``
-    makes bnlab SyncBatchNorm layers; torch's classmethod, called on
-    ``torch.nn.SyncBatchNorm``, still makes torch's. On CPU wrap the model in
-    :class:`bnlab.distributed.DistributedDataParallel`, not torch's (see above).
+    A subclass of torch's ``_BatchNorm`` (tools that look for BN layers find it), not
+    of ``torch.nn.SyncBatchNorm``, so torch's own ``DistributedDataParallel`` accepts
+    it on CPU (see the module docstring for the trade-off). Its classmethod
+    ``convert_sync_batchnorm`` makes bnlab SyncBatchNorm layers; torch's classmethod,
+    called on ``torch.nn.SyncBatchNorm``, still makes torch's.
 
     Args:
         process_group: the group to synchronize over (default: the whole world).
@@ -266,10 +281,12 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         return y
 
 
-# replace_batchnorm / revert_batchnorm cover SyncBatchNorm too. Registered here because
-# this module imports bnlab.nn.convert, not the other way round.
+# replace_batchnorm / revert_batchnorm cover SyncBatchNorm too, and the converters know
+# ours as a synchronized layer although it is no torch.nn.SyncBatchNorm. Registered here
+# because this module imports bnlab.nn.convert, not the other way round.
 _TO_BNLAB[nn.SyncBatchNorm] = SyncBatchNorm
 _TO_TORCH[SyncBatchNorm] = nn.SyncBatchNorm
+_SYNC_CLASSES.append(SyncBatchNorm)
 
 _BN_TYPES = (
     nn.BatchNorm1d,
