@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import bnlab
 import bnlab.nn as bnn
 from bnlab import functional as F
 
@@ -122,3 +123,15 @@ def test_functional_errors():
         F.batch_norm(torch.randn(3), None, None, training=True)
     with pytest.raises(TypeError, match="floating-point"):
         F.batch_norm(torch.ones(4, 3, dtype=torch.int32), None, None, training=True)
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [bnn.replace_batchnorm, bnn.revert_batchnorm, bnlab.freeze_batchnorm, bnlab.insert_batchnorm],
+    ids=lambda f: f.__name__,
+)
+def test_model_tools_refuse_a_non_module_with_a_type_error(tool):
+    """Every model tool says what it expects (an AttributeError about named_children
+    said nothing of the mistake)."""
+    with pytest.raises(TypeError, match=rf"{tool.__name__} expects an nn.Module, got str"):
+        tool("x")

@@ -109,11 +109,15 @@ def replace_batchnorm(module: nn.Module) -> nn.Module:
     Example:
         >>> model = replace_batchnorm(torchvision_model)
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"replace_batchnorm expects an nn.Module, got {type(module).__name__}")
     return _convert(module, _TO_BNLAB)
 
 
 def revert_batchnorm(module: nn.Module) -> nn.Module:
     """The reverse of :func:`replace_batchnorm`: bnlab BN modules become PyTorch's."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"revert_batchnorm expects an nn.Module, got {type(module).__name__}")
     return _convert(module, _TO_TORCH)
 
 
