@@ -20,6 +20,7 @@ or ``None`` where neither applies and the pure-PyTorch path of :mod:`bnlab.core`
   because the custom ops have no derivative of their own (``train_step`` records
   its own node and is the exception);
 * ``torch.jit.trace``: the trace must record ATen ops, which the pure path is made of.
+* ``torch.export`` (and ``torch.onnx.export``): the graph must hold portable ATen ops.
 
 ``BNLAB_BACKEND`` (read once per process) selects the path: ``compiled`` (an error,
 naming the cause, when the kernels cannot be built), ``torch`` (never build), or
@@ -164,6 +165,13 @@ def _compiled_ready() -> bool:
         # torch.jit.trace records dispatcher ops only; the kernels' Python entry points
         # bypass it, so a trace would hold an empty_like and return uninitialised memory
         # (and never update running statistics). The pure path's ATen ops are recorded.
+        return False
+    if torch.compiler.is_exporting():
+        # torch.export (and torch.onnx.export, which runs it) must leave a portable graph:
+        # the pure path's ATen ops, which ONNX and an ExportedProgram loaded without
+        # bnlab both run. The kernels' custom ops (bnlab::bn_eval, ...) would be kept as
+        # they are, so an export under no_grad, or of a model without trainable
+        # parameters, could not be converted to ONNX ("No ONNX function found").
         return False
     if not _state.tried and torch.compiler.is_compiling():
         # No build inside a trace: this graph keeps the pure path. Calling
