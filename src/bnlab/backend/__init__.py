@@ -145,8 +145,9 @@ def _load() -> bool:
                 _register_fakes()
                 _state.loaded = True
             except Exception as e:  # noqa: BLE001 - any build failure means: fall back
+                # build.BuildError's message is one line naming the cause.
                 lines = [line for line in str(e).strip().splitlines() if line.strip()]
-                _state.error = f"{type(e).__name__}: {lines[-1] if lines else e!r}"
+                _state.error = f"{type(e).__name__}: {lines[-1] if lines else repr(e)}"
             _state.tried = True
     return _state.loaded
 

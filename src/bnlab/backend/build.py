@@ -12,6 +12,12 @@ flags, the torch and Python versions and the compiler, so a change in any of the
 builds a new one instead of loading a stale or foreign one.
 
 Set ``BNLAB_BUILD_VERBOSE=1`` to see the compiler's command lines and output.
+Otherwise a build is quiet: torch.utils.cpp_extension's log messages (its large
+"compiler not compatible" banner, say) are held back, so a machine without a
+compiler sees bnlab's one warning line. A failed build raises :class:`BuildError`,
+whose one-line message names the cause (the compiler's first error line) and whose
+``details`` keep the compiler's output and torch's messages; both go to the
+``bnlab.backend.build`` logger at DEBUG level.
 
 Instruction set: ``-mavx2 -mfma -mf16c`` only where torch reports AVX2 or AVX-512
 support on this CPU at run time (never ``-march=native``, whose build would crash on
@@ -20,12 +26,16 @@ an older CPU sharing the cache); the flags are part of the hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
+import re
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -36,6 +46,75 @@ SOURCE = Path(__file__).with_name("bn_cpu.cpp")
 BASE_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
 SIMD_CFLAGS = ["-mavx2", "-mfma", "-mf16c"]
 LDFLAGS = ["-fopenmp"]  # links the libgomp torch itself loaded (same soname)
+TORCH_LOGGER = "torch.utils.cpp_extension"
+
+_log = logging.getLogger(__name__)
+
+
+class BuildError(RuntimeError):
+    """The kernels could not be built or loaded.
+
+    ``str()`` is one line naming the cause (for bnlab's warning and for the error of
+    ``BNLAB_BACKEND=compiled``); ``details`` holds the full text: the compiler's
+    output as torch reported it, and torch's log messages of the attempt.
+    """
+
+    def __init__(self, summary: str, details: str) -> None:
+        super().__init__(summary)
+        self.details = details
+
+
+# A compiler's or linker's line that says what went wrong (not a command line or
+# ninja's progress: those start with "[", "FAILED:" or hold the compiler's "-o").
+_CAUSE = re.compile(r"error|not found|no such file|cannot|fatal|undefined", re.IGNORECASE)
+
+
+def failure_cause(text: str) -> str:
+    """The line of a failed build's output that names the cause: the first compiler
+    error line, else the last line (ninja's own last line says only "build stopped")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("[", "FAILED:", "Error building extension")) or " -o " in line:
+            continue
+        if _CAUSE.search(line):
+            return line
+    return lines[-1] if lines else text.strip()
+
+
+class _Collect(logging.Handler):
+    """A log handler that keeps the records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_torch_log() -> Iterator[list[logging.LogRecord]]:
+    """Collect torch.utils.cpp_extension's log records instead of printing them.
+
+    Its compiler checks log a banner of several hundred characters (an unknown or
+    missing ``CXX``) through torch's handler on stderr; the records are yielded to
+    the caller, which keeps them with the outcome. Handlers and propagation are
+    restored on exit.
+    """
+    logger = logging.getLogger(TORCH_LOGGER)
+    collect = _Collect()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers[:] = [collect]
+    logger.propagate = False
+    try:
+        yield collect.records
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
+def _log_text(records: list[logging.LogRecord]) -> str:
+    return "\n".join(f"{TORCH_LOGGER} {r.levelname}: {r.getMessage().strip()}" for r in records)
 
 
 def cache_root() -> Path:
@@ -89,9 +168,12 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
         ``(library_path, build_seconds, module)``; ``build_seconds`` is 0.0 when a
         cached library was loaded.
 
+    Unless ``verbose`` (or ``BNLAB_BUILD_VERBOSE``), torch's log messages during the
+    build are held back and logged at DEBUG level on this module's logger.
+
     Raises:
-        Exception: whatever the compiler or loader raised (the caller decides
-            whether that is a warning or an error).
+        BuildError: the compiler or loader failed (the caller decides whether that is
+            a warning or an error); its message names the cause.
     """
     from torch.utils import cpp_extension  # pulls in setuptools: only when building
 
@@ -115,17 +197,31 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
         old_path = os.environ.get("PATH", "")
         scripts = {os.path.dirname(sys.executable), sysconfig.get_path("scripts")}
         os.environ["PATH"] = os.pathsep.join([*sorted(scripts), old_path])
+        verbose = verbose or bool(os.environ.get("BNLAB_BUILD_VERBOSE"))
         start = time.perf_counter()
-        try:
-            module = cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=flags,
-                extra_ldflags=LDFLAGS,
-                build_directory=str(build_dir),
-                is_python_module=True,
-                verbose=verbose or bool(os.environ.get("BNLAB_BUILD_VERBOSE")),
-            )
-        finally:
-            os.environ["PATH"] = old_path
+        with contextlib.nullcontext([]) if verbose else _held_torch_log() as records:
+            try:
+                module = cpp_extension.load(
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=flags,
+                    extra_ldflags=LDFLAGS,
+                    build_directory=str(build_dir),
+                    is_python_module=True,
+                    verbose=verbose,
+                )
+            except Exception as e:
+                details = "\n".join(filter(None, [_log_text(records), str(e).strip()]))
+                _log.debug("bnlab: building the C++ kernels failed:\n%s", details)
+                compiler = os.environ.get("CXX", "c++")
+                raise BuildError(
+                    f"building the C++ kernels with {compiler} failed: "
+                    f"{failure_cause(str(e)) or type(e).__name__} (BNLAB_BUILD_VERBOSE=1 "
+                    "shows the compiler's output)",
+                    details,
+                ) from e
+            finally:
+                os.environ["PATH"] = old_path
+        if records:
+            _log.debug("bnlab: the C++ kernels built; torch said:\n%s", _log_text(records))
         return lib, time.perf_counter() - start, module
