@@ -5,6 +5,7 @@ import torch
 
 import bnlab
 import bnlab.nn as bnn
+from bnlab import backend
 from bnlab import functional as F
 
 
@@ -135,3 +136,31 @@ def test_model_tools_refuse_a_non_module_with_a_type_error(tool):
     said nothing of the mistake)."""
     with pytest.raises(TypeError, match=rf"{tool.__name__} expects an nn.Module, got str"):
         tool("x")
+
+
+@pytest.mark.parametrize("path", ["default", "torch"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_size_mismatch_is_a_shape_error_for_every_rank(path, rank, name, training):
+    """torch raises RuntimeError for a (C,) tensor of the wrong size; code written for it
+    catches that, so bnlab's error is a RuntimeError (and a ValueError) on both paths."""
+    x = torch.randn(4, 3, *[2] * (rank - 2))
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    args |= {"weight": torch.ones(3), "bias": torch.zeros(3), name: torch.ones(5)}
+    with pytest.raises(RuntimeError):  # torch's type
+        torch.nn.functional.batch_norm(x, **args, training=training)
+    with (
+        backend.using(None if path == "default" else "torch"),
+        pytest.raises(bnn.BatchNormShapeError, match=f"{name} has 5 elements.*3 channels"),
+    ):
+        F.batch_norm(x, **args, training=training)
+    assert issubclass(bnn.BatchNormShapeError, RuntimeError)
+    assert issubclass(bnn.BatchNormShapeError, ValueError)
+    assert F.BatchNormShapeError is bnn.BatchNormShapeError
+
+
+def test_batch_renorm_size_mismatch_is_a_shape_error():
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(bnn.BatchNormShapeError, match="weight has 2 elements"):
+        F.batch_renorm(x, torch.zeros(3), torch.ones(3), torch.ones(2), None, training=True)

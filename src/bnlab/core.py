@@ -42,6 +42,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 __all__ = [
+    "BatchNormShapeError",
     "batch_norm_backward",
     "batch_norm_train_forward",
     "batch_renorm_affine",
@@ -66,6 +67,16 @@ __all__ = [
     "update_running_stats",
     "virtual_batches",
 ]
+
+
+class BatchNormShapeError(ValueError, RuntimeError):
+    """A size mismatch between an input or a tensor and a BN layer's channels.
+
+    A ValueError (bnlab's convention for bad arguments) and a RuntimeError (what
+    PyTorch raises for the same mistakes), so ``except RuntimeError`` code written
+    for torch's BN still catches it. Raised by the functional API and the modules
+    alike (``bnlab.nn.BatchNormShapeError`` is this class).
+    """
 
 
 # Inputs with at most this many elements take the fewer-ops paths (per-op overhead

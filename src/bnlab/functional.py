@@ -30,6 +30,7 @@ from bnlab.autograd import (
     normalize_by_stats,
 )
 from bnlab.core import (
+    BatchNormShapeError,
     batch_renorm_affine,
     batch_renorm_backward,
     batch_renorm_correction,
@@ -54,6 +55,7 @@ from bnlab.core import (
 )
 
 __all__ = [
+    "BatchNormShapeError",
     "BatchRenormTrainFunction",
     "batch_norm",
     "batch_norm_backward",
@@ -136,6 +138,9 @@ def batch_norm(
         TypeError, ValueError: for input batch norm cannot take (see
             :func:`check_batch_norm_input`), a refused ``eps``, ``momentum=None``,
             or missing running statistics in eval mode.
+        BatchNormShapeError: ``running_mean``, ``running_var``, ``weight`` or
+            ``bias`` does not have C elements (a ValueError and a RuntimeError, the
+            type torch raises there).
     """
     y, _ = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y
@@ -234,7 +239,8 @@ def _check_channel_sizes(
     weight: Tensor | None,
     bias: Tensor | None,
 ) -> None:
-    """Refuse per-channel tensors whose size is not the input's channel count."""
+    """Refuse per-channel tensors whose size is not the input's channel count, with a
+    :class:`BatchNormShapeError` (a RuntimeError, as torch's, and a ValueError)."""
     channels = input.shape[1]
     for name, t in (
         ("running_mean", running_mean),
@@ -243,9 +249,10 @@ def _check_channel_sizes(
         ("bias", bias),
     ):
         if t is not None and t.numel() != channels:
-            raise ValueError(
+            raise BatchNormShapeError(
                 f"{name} has {t.numel()} elements but the input has {channels} channels "
-                f"(dim 1 of shape {tuple(input.shape)}); they must match"
+                f"(dim 1 of shape {tuple(input.shape)}); pass a ({channels},) {name}, or "
+                "input whose dim 1 holds the channels"
             )
 
 

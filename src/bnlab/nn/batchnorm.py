@@ -37,6 +37,7 @@ from torch.ao.quantization.fuser_method_mappings import (
 
 from bnlab import functional as F
 from bnlab.autograd import batch_norm_train, batch_norm_train_step, normalize_by_stats
+from bnlab.core import BatchNormShapeError
 
 __all__ = [
     "BatchNorm1d",
@@ -50,15 +51,6 @@ __all__ = [
 def _is_batched(t: Tensor) -> bool:
     """Whether ``t`` is a torch.func transform's wrapped tensor (inside vmap, say)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-class BatchNormShapeError(ValueError, RuntimeError):
-    """A size mismatch between an input or a tensor and a BN layer's channels.
-
-    A ValueError (bnlab's convention for bad arguments) and a RuntimeError (what
-    PyTorch raises for the same mistakes), so ``except RuntimeError`` code written
-    for torch's BN still catches it.
-    """
 
 
 def _in_backward_pass() -> bool:
