@@ -267,6 +267,11 @@ def _inplace_ok(*tensors: Tensor) -> bool:
     """
     if torch.is_grad_enabled():
         return False
+    if torch.compiler.is_exporting():
+        # An exported graph is functional, so in-place ops buy nothing there, and the size
+        # test that picks the in-place form would put a guard on the batch size (say
+        # 216 * N <= 65536) that a dynamic batch dim (torch.export.Dim) refuses.
+        return False
     if torch.compiler.is_compiling():
         return True  # traced tensors are never functorch-wrapped; functionalization copes
     for t in tensors:
