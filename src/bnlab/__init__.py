@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place; pyproject.toml and CHANGELOG.md follow it
 
 _LAZY = {
     "insert_batchnorm": "bnlab.insert",

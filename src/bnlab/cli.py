@@ -25,15 +25,43 @@ COMMAND_MODULES = [
 ]
 
 
+def version_text() -> str:
+    """bnlab's version, torch's, and the BN kernels this process would use."""
+    import torch
+
+    from bnlab import __version__, backend
+
+    return (
+        f"bnlab {__version__}\ntorch {torch.__version__}\n"
+        f"backend: {backend.describe_without_loading()}"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: computed when asked (it looks for the kernels), not at start-up."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="print bnlab's, torch's and the backend's versions and exit",
+            **kwargs,
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnlab",
         description="Batch Normalization (Ioffe & Szegedy, 2015): the library's checks "
         "and the paper's experiments.",
     )
-    from bnlab import __version__
-
-    parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)

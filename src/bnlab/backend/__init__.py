@@ -53,6 +53,7 @@ __all__ = [
     "BackendUnavailableError",
     "backward",
     "describe",
+    "describe_without_loading",
     "batch_stats",
     "eval_forward",
     "grad_sums",
@@ -390,6 +391,23 @@ def input_grad(
     )
 
 
+def describe_without_loading() -> str:
+    """Which CPU kernels this process would use, without building or loading them
+    (for ``bnlab --version``): prebuilt, cached, built on first use, or none."""
+    wanted = mode()
+    if wanted == "torch":
+        return "torch (pure PyTorch; BNLAB_BACKEND=torch)"
+    if _state.tried:
+        return describe("cpu")
+    lib, reason = build.prebuilt_library()
+    if lib is not None:
+        return f"compiled (prebuilt in the installed package: {lib})"
+    cached = build.cache_root() / build.library_name(build.compile_flags())
+    if (cached / f"{cached.name}.so").exists():
+        return f"compiled (cached: {cached / cached.name}.so; {reason})"
+    return f"compiled on first use (a C++ compiler builds it, about 25 s; {reason})"
+
+
 def describe(device: str = "cpu") -> str:
     """One line naming the kernels BN runs on for tensors on ``device`` in this process."""
     wanted = mode()
@@ -400,11 +418,12 @@ def describe(device: str = "cpu") -> str:
     if torch.device(device).type != "cpu":
         return f"torch (pure PyTorch: no kernels for {device})"
     if _load():
-        how = (
-            f"built in {_state.build_seconds:.1f} s"
-            if _state.build_seconds
-            else "loaded from cache"
-        )
+        if _state.library is not None and _state.library.parent == build.PREBUILT_INFO.parent:
+            how = "prebuilt in the installed package"
+        elif _state.build_seconds:
+            how = f"built in {_state.build_seconds:.1f} s"
+        else:
+            how = "loaded from cache"
         return f"compiled (bnlab C++ CPU kernels, {how}: {_state.library})"
     return f"torch (pure PyTorch; compiled backend unavailable: {_state.error})"
 

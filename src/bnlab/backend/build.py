@@ -1,5 +1,11 @@
 """Build and load the compiled CPU kernels (``bn_cpu.cpp``) on first use.
 
+A wheel built with torch in its build environment (``python -m build --no-isolation``,
+see ``setup.py``) holds the kernels prebuilt for that torch (``_bnlab_cpu*.so`` and
+``_bnlab_cpu.json`` in this folder); :func:`load_prebuilt` loads them when the running
+torch version, the CPU's instruction set and the source's hash match what they were built
+for, so an installed bnlab needs no compiler. Otherwise:
+
 The C++ source ships with the package. The first process that needs it compiles it
 with ``torch.utils.cpp_extension.load`` (the system C++ compiler, ninja) into a cache
 directory; later processes load the cached shared library directly. A file lock
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -43,6 +50,7 @@ import torch
 from filelock import FileLock
 
 SOURCE = Path(__file__).with_name("bn_cpu.cpp")
+PREBUILT_INFO = Path(__file__).with_name("_bnlab_cpu.json")  # written by setup.py
 BASE_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
 SIMD_CFLAGS = ["-mavx2", "-mfma", "-mf16c"]
 LDFLAGS = ["-fopenmp"]  # links the libgomp torch itself loaded (same soname)
@@ -157,6 +165,50 @@ def _import(name: str, lib: Path) -> ModuleType:
     return module
 
 
+def prebuilt_library() -> tuple[Path | None, str]:
+    """The wheel's prebuilt library if it fits this process, and why (not).
+
+    It fits when it was built for this torch version (the C++ ABI of ATen changes
+    between releases), from this source (an editable install may have changed it),
+    and with instructions this CPU has (AVX2 flags on a CPU without AVX2 would crash).
+
+    Returns:
+        ``(path, reason)``: path None, with the reason, where it does not fit.
+    """
+    if not PREBUILT_INFO.exists():
+        return None, "no prebuilt kernels in this installation"
+    try:
+        info = json.loads(PREBUILT_INFO.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable {PREBUILT_INFO.name}: {e}"
+    libs = sorted(PREBUILT_INFO.parent.glob("_bnlab_cpu*.so"))
+    if not libs:
+        return None, f"{PREBUILT_INFO.name} without its library"
+    if info.get("torch") != torch.__version__:
+        return None, f"prebuilt for torch {info.get('torch')}, running {torch.__version__}"
+    if info.get("source_sha256") != hashlib.sha256(SOURCE.read_bytes()).hexdigest():
+        return None, "prebuilt from another version of bn_cpu.cpp"
+    if set(SIMD_CFLAGS) & set(info.get("flags", [])) and not set(SIMD_CFLAGS) <= set(
+        compile_flags()
+    ):
+        return None, "prebuilt with AVX2 instructions, which this CPU lacks"
+    return libs[0], "prebuilt"
+
+
+def load_prebuilt() -> tuple[Path, ModuleType] | None:
+    """Load the wheel's prebuilt kernels where they fit (:func:`prebuilt_library`),
+    else None (the reason at DEBUG level on this module's logger)."""
+    lib, reason = prebuilt_library()
+    if lib is None:
+        _log.debug("bnlab: not using prebuilt kernels: %s", reason)
+        return None
+    try:
+        return lib, _import("_bnlab_cpu", lib)
+    except ImportError as e:  # a broken file: the JIT build still works
+        _log.debug("bnlab: the prebuilt kernels did not load (%s); building them", e)
+        return None
+
+
 def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
     """Compile (or find cached) and load the kernels into ``torch.ops.bnlab``.
 
@@ -164,9 +216,11 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
     functions without the dispatcher's boxed call (about a microsecond less per call,
     which matters on small inputs).
 
+    The wheel's prebuilt library is taken first where it fits (:func:`load_prebuilt`).
+
     Returns:
         ``(library_path, build_seconds, module)``; ``build_seconds`` is 0.0 when a
-        cached library was loaded.
+        prebuilt or cached library was loaded.
 
     Unless ``verbose`` (or ``BNLAB_BUILD_VERBOSE``), torch's log messages during the
     build are held back and logged at DEBUG level on this module's logger.
@@ -175,6 +229,9 @@ def build_and_load(verbose: bool = False) -> tuple[Path, float, ModuleType]:
         BuildError: the compiler or loader failed (the caller decides whether that is
             a warning or an error); its message names the cause.
     """
+    prebuilt = load_prebuilt()
+    if prebuilt is not None:
+        return prebuilt[0], 0.0, prebuilt[1]
     from torch.utils import cpp_extension  # pulls in setuptools: only when building
 
     flags = compile_flags()
