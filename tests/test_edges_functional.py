@@ -57,7 +57,7 @@ def test_empty_batch_through_the_function_and_the_tracked_entry_point():
     (gw,) = torch.autograd.grad(y.sum(), w)
     assert torch.equal(gw, torch.zeros(4, dtype=DT))
     rm = torch.zeros(4, dtype=DT)
-    _, skipped = F.batch_norm_tracked(x, rm, None, training=True)
+    _, skipped = F.batch_norm_tracked(x, rm, torch.ones(4, dtype=DT), training=True)
     assert not skipped.any()  # an empty batch is not a non-finite one
 
 

@@ -194,8 +194,9 @@ def test_eval_uses_running_statistics_not_ghost_batches(shape):
 
 def test_eval_without_running_statistics_uses_the_whole_batch():
     """track_running_stats=False: eval normalizes with the whole batch, as BN does."""
-    ghost = bnn.GhostBatchNorm1d(4, virtual_batch_size=3, track_running_stats=False)
-    bn = bnn.BatchNorm1d(4, track_running_stats=False)
+    kw = {"track_running_stats": False, "dtype": torch.float64}
+    ghost = bnn.GhostBatchNorm1d(4, virtual_batch_size=3, **kw)
+    bn = bnn.BatchNorm1d(4, **kw)
     ghost.eval()
     bn.eval()
     x = torch.randn(9, 4, dtype=torch.float64)
@@ -239,14 +240,33 @@ def test_convert_to_ghost_batchnorm():
     torch.testing.assert_close(model(x), before, **EXACT)
     with pytest.raises(TypeError, match="SyncBatchNorm"):
         bnn.convert_to_ghost_batchnorm(nn.Sequential(nn.SyncBatchNorm(3)), 4)
-    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 2"):
         bnn.convert_to_ghost_batchnorm(nn.Sequential(nn.BatchNorm1d(3)), 0)
 
 
 @pytest.mark.parametrize("v", [0, -2, 2.5, True, "8"])
 def test_invalid_virtual_batch_size(v):
-    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= "):
         bnn.GhostBatchNorm1d(3, virtual_batch_size=v)
+    with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 1"):
+        bnn.GhostBatchNorm2d(3, virtual_batch_size=v)
+
+
+def test_one_sample_ghost_batches_of_1d_are_refused_at_construction():
+    """GhostBatchNorm1d(C, virtual_batch_size=1) could train on no batch size: (N, C)
+    ghost batches of one sample have one value per feature. It is refused when built,
+    and converting a model holding a BatchNorm1d refuses before changing anything."""
+    with pytest.raises(ValueError, match=r">= 2.*no batch size could train it"):
+        bnn.GhostBatchNorm1d(4, virtual_batch_size=1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="GhostBatchNorm1d virtual_batch_size must be an int >= 2"):
+        bnn.convert_to_ghost_batchnorm(model, 1)
+    assert type(model[1]) is nn.BatchNorm2d  # nothing half-converted
+    # 4-D input: one sample still has H * W values per channel, so 1 is allowed.
+    ghost = bnn.GhostBatchNorm2d(4, virtual_batch_size=1)
+    assert ghost(torch.randn(3, 4, 2, 2)).shape == (3, 4, 2, 2)
+    with pytest.raises(ValueError, match="virtual batches of 1 sample.*virtual_batch_size >= 2"):
+        ghost(torch.randn(3, 4, 1, 1))  # the message asks for nothing impossible
 
 
 def test_single_value_last_ghost_batch_is_refused():

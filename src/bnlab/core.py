@@ -42,6 +42,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 __all__ = [
+    "BatchNormDtypeError",
     "BatchNormShapeError",
     "batch_norm_backward",
     "batch_norm_train_forward",
@@ -53,6 +54,7 @@ __all__ = [
     "center",
     "channel_view",
     "check_batch_norm_input",
+    "check_batch_norm_state",
     "check_eps",
     "compute_batch_stats",
     "compute_dtype",
@@ -76,6 +78,15 @@ class BatchNormShapeError(ValueError, RuntimeError):
     PyTorch raises for the same mistakes), so ``except RuntimeError`` code written
     for torch's BN still catches it. Raised by the functional API and the modules
     alike (``bnlab.nn.BatchNormShapeError`` is this class).
+    """
+
+
+class BatchNormDtypeError(TypeError, RuntimeError):
+    """Parameters or running statistics of a dtype batch norm cannot mix with the input's.
+
+    A TypeError (bnlab's convention for a wrong type) and a RuntimeError (what PyTorch
+    raises for the same mixes), so ``except RuntimeError`` code written for torch's BN
+    still catches it. See :func:`check_batch_norm_state` for the rule.
     """
 
 
@@ -159,6 +170,84 @@ def check_batch_norm_input(x: Tensor, training: bool, eps: float | None = None) 
         )
     if eps is not None:
         check_eps(eps, training)
+
+
+def check_batch_norm_state(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    who: str = "batch_norm",
+) -> None:
+    """Refuse the running statistics and dtype mixes that torch's batch norm refuses.
+
+    torch 2.13's rule, followed here: ``running_mean`` and ``running_var`` are both
+    given or both None; the tensors given among ``weight``, ``bias``,
+    ``running_mean`` and ``running_var`` share one dtype, which is ``x``'s, or float32
+    for float16/bfloat16 ``x`` (mixed precision: statistics and the affine map in
+    float32, output in ``x``'s dtype). bnlab's math could take any mix (it would
+    compute in the input's dtype), but a model that runs here and fails under
+    torch's BN, or a float64 weight silently rounded to float32, is no drop-in.
+
+    Args:
+        x: the input (a floating-point tensor, already checked).
+        weight, bias, running_mean, running_var: as :func:`bnlab.functional.batch_norm`.
+        who: the function or module named in the error.
+
+    Raises:
+        ValueError: only one of ``running_mean`` and ``running_var`` is given
+            (torch raises ValueError too).
+        BatchNormDtypeError: a dtype mix torch refuses (a TypeError and a RuntimeError).
+    """
+    if (running_mean is None) != (running_var is None):
+        given, missing = (
+            ("running_mean", "running_var")
+            if running_var is None
+            else ("running_var", "running_mean")
+        )
+        raise ValueError(
+            f"{who} got {given} but {missing} is None: pass both running statistics "
+            "(e.g. torch.zeros(C) and torch.ones(C) to start) or neither (batch statistics "
+            "only, nothing tracked)"
+        )
+    dtype = x.dtype
+    if (
+        (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (running_mean is None or running_mean.dtype == dtype)
+        and (running_var is None or running_var.dtype == dtype)
+    ):
+        return  # the usual case, at the cost of four attribute reads
+    given = [
+        (name, t.dtype)
+        for name, t in (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        )
+        if t is not None
+    ]
+    first, state_dtype = given[0]
+    for name, other in given[1:]:
+        if other != state_dtype:
+            raise BatchNormDtypeError(
+                f"{who}: {first} is {state_dtype} but {name} is {other}; parameters and "
+                "running statistics must share one dtype (torch refuses this mix too): "
+                f"convert them to one, e.g. {name}.to({state_dtype}) or module.to(dtype)"
+            )
+    if state_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return  # torch's mixed precision
+    allowed = "the input's dtype" + (
+        " or float32" if dtype in (torch.float16, torch.bfloat16) else ""
+    )
+    raise BatchNormDtypeError(
+        f"{who}: {first} is {state_dtype} but the input is {dtype}; parameters and running "
+        f"statistics must have {allowed} (torch refuses this mix too): convert the input "
+        f"with x.to({state_dtype}), or the parameters and statistics with "
+        f".to({dtype}) (module.to({dtype}) for a module)"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -745,6 +834,12 @@ def virtual_batches(x: Tensor, virtual_batch_size: int) -> tuple[Tensor, ...]:
             are undefined.
     """
     batches = x.split(virtual_batch_size, 0)
+    if len(batches) > 1 and num_values_per_channel(batches[-1]) == 1 and virtual_batch_size == 1:
+        raise ValueError(  # every ghost batch is one sample: no batch size can help
+            f"ghost batch normalization: virtual batches of 1 sample have a single value per "
+            f"channel for input of shape {tuple(x.shape)} (no positions to normalize over), "
+            "and batch statistics of one value are undefined; use virtual_batch_size >= 2"
+        )
     if len(batches) > 1 and num_values_per_channel(batches[-1]) == 1:
         raise ValueError(
             f"ghost batch normalization: a mini-batch of {x.shape[0]} samples in virtual "

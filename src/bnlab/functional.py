@@ -30,6 +30,7 @@ from bnlab.autograd import (
     normalize_by_stats,
 )
 from bnlab.core import (
+    BatchNormDtypeError,
     BatchNormShapeError,
     batch_renorm_affine,
     batch_renorm_backward,
@@ -39,6 +40,7 @@ from bnlab.core import (
     center,
     channel_view,
     check_batch_norm_input,
+    check_batch_norm_state,
     check_eps,
     compute_batch_stats,
     compute_dtype,
@@ -55,6 +57,7 @@ from bnlab.core import (
 )
 
 __all__ = [
+    "BatchNormDtypeError",
     "BatchNormShapeError",
     "BatchRenormTrainFunction",
     "batch_norm",
@@ -71,6 +74,7 @@ __all__ = [
     "center",
     "channel_view",
     "check_batch_norm_input",
+    "check_batch_norm_state",
     "check_eps",
     "compute_batch_stats",
     "compute_dtype",
@@ -141,6 +145,11 @@ def batch_norm(
         BatchNormShapeError: ``running_mean``, ``running_var``, ``weight`` or
             ``bias`` does not have C elements (a ValueError and a RuntimeError, the
             type torch raises there).
+        BatchNormDtypeError: a dtype mix torch refuses (a TypeError and a
+            RuntimeError): parameters and running statistics share one dtype, the
+            input's, or float32 for float16/bfloat16 input (see
+            :func:`check_batch_norm_state`); only one of ``running_mean`` and
+            ``running_var`` given is a ValueError, as in torch.
     """
     y, _ = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y
@@ -197,6 +206,7 @@ def _batch_norm(
         )
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
+    check_batch_norm_state(input, weight, bias, running_mean, running_var)
     if training:
         step = batch_norm_train_step(
             input, weight, bias, running_mean, running_var, None, momentum, eps
@@ -387,6 +397,7 @@ def batch_renorm(
         raise ValueError(f"batch_renorm dmax must be >= 0 (0 disables d), got {dmax!r}")
     check_batch_norm_input(input, True, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
+    check_batch_norm_state(input, weight, bias, running_mean, running_var, "batch_renorm")
     y, mu_b, biased_var_b, _, _ = batch_renorm_train(
         input, weight, bias, running_mean, running_var, eps, rmax, dmax
     )

@@ -288,6 +288,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Before any state changes; eps <= 0 is refused with batch statistics, as in torch.
         F.check_batch_norm_input(input, self.training, self.eps if use_batch_stats else None)
+        F.check_batch_norm_state(  # torch's dtype rule, and both running statistics or none
+            input, weight, bias, running_mean, running_var, type(self).__name__
+        )
         if not use_batch_stats:  # Algorithm 2, step 11: the fixed affine map
             if running_mean is None or running_var is None:  # one of them: F's error
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False)

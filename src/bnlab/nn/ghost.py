@@ -76,15 +76,7 @@ class _GhostBatchNorm(_BatchNorm):
         bias: bool = True,
         virtual_batch_size: int | None = None,
     ) -> None:
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, numbers.Integral)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"{type(self).__name__} virtual_batch_size must be an int >= 1 (samples per "
-                f"ghost batch) or None for the whole batch, got {virtual_batch_size!r}"
-            )
+        self.check_virtual_batch_size(virtual_batch_size)
         super().__init__(
             num_features,
             eps=eps,
@@ -97,6 +89,33 @@ class _GhostBatchNorm(_BatchNorm):
         )
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
 
+    # The smallest ghost batch some input can be normalized with.
+    _min_virtual_batch_size = 1
+    _min_reason = ""
+
+    @classmethod
+    def check_virtual_batch_size(cls, virtual_batch_size: int | None) -> None:
+        """Refuse a ``virtual_batch_size`` this class cannot train with (a ValueError).
+
+        Converters call it before they change a model, so a refused size leaves
+        nothing half-converted.
+        """
+        least = cls._min_virtual_batch_size
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, numbers.Integral)
+            or virtual_batch_size < least
+        ):
+            raise ValueError(
+                f"{cls.__name__} virtual_batch_size must be an int >= {least} (samples per "
+                f"ghost batch) or None for the whole batch, got {virtual_batch_size!r}"
+                + (
+                    cls._min_reason
+                    if type(virtual_batch_size) is int and virtual_batch_size == 1
+                    else ""
+                )
+            )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
@@ -105,8 +124,9 @@ class _GhostBatchNorm(_BatchNorm):
         if not self.training or v is None:  # eval never splits: running statistics
             return super().forward(input)
         self._check_input_dim(input)
-        self._check_state_sizes()
+        state = self._check_state_sizes()
         F.check_batch_norm_input(input, True, self.eps)
+        F.check_batch_norm_state(input, *state, type(self).__name__)
         batches = F.virtual_batches(input, v)
         if len(batches) == 1:
             return super().forward(input)
@@ -124,7 +144,10 @@ class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
     """Ghost batch normalization over a 2-D (N, C) or 3-D (N, C, L) input (Hoffer et al. 2017).
 
     Arguments and state-dict keys as :class:`bnlab.nn.BatchNorm1d`, plus the
-    keyword ``virtual_batch_size``.
+    keyword ``virtual_batch_size``, here an int >= 2: ghost batches of one sample
+    of (N, C) input have one value per feature, whose statistics are undefined
+    (for (N, C, L) input they would be instance normalization:
+    ``torch.nn.InstanceNorm1d``).
 
     Shape:
         input (N, C) or (N, C, L) -> output of the same shape.
@@ -132,7 +155,17 @@ class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
     Example:
         >>> bn = GhostBatchNorm1d(100, virtual_batch_size=32)
         >>> y = bn(torch.randn(256, 100))  # 8 ghost batches of 32
+
+    Raises:
+        ValueError: ``virtual_batch_size`` is not None or an int >= 2.
     """
+
+    _min_virtual_batch_size = 2
+    _min_reason = (
+        ": ghost batches of one sample have a single value per feature for (N, C) input, "
+        "whose batch statistics are undefined, so no batch size could train it (for "
+        "(N, C, L) input normalized per sample, use torch.nn.InstanceNorm1d)"
+    )
 
 
 class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):

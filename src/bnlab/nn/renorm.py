@@ -206,9 +206,10 @@ class _BatchRenorm(_BatchNorm):
             self._check_moving_stats()
             return super().forward(input)
         self._check_input_dim(input)
-        self._check_state_sizes()
+        state = self._check_state_sizes()
         self._check_moving_stats()
         F.check_batch_norm_input(input, True, self.eps)
+        F.check_batch_norm_state(input, *state, type(self).__name__)
         # The limits of this step, from the module's own count (on the device, no sync).
         # A checkpoint's recomputation (torch.utils.checkpoint) sees the count and moving
         # statistics its original forward already updated, so its r and d can differ.
