@@ -213,6 +213,55 @@ def test_load_state_dict_without_num_batches_tracked_keeps_the_count():
         torch.testing.assert_close(fresh.running_mean, torch.ones(3))
 
 
+def _load_old_checkpoint(make, count, version, strict=True):
+    """Load a state dict without num_batches_tracked, with the given metadata version,
+    into a module whose count is ``count``; the count after, and the error if any."""
+    src = make(2)
+    sd = src.state_dict()
+    del sd["num_batches_tracked"]
+    if version is None:
+        del sd._metadata[""]["version"]
+    else:
+        sd._metadata[""]["version"] = version
+    dst = make(2)
+    dst.num_batches_tracked.fill_(count)
+    try:
+        dst.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:
+        return dst.num_batches_tracked, "missing" if "num_batches_tracked" in str(e) else str(e)
+    return dst.num_batches_tracked, None
+
+
+@pytest.mark.parametrize("version", [1, None, 2])
+@pytest.mark.parametrize("count", [0, 7])
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_old_checkpoints_as_torch(version, count, strict):
+    """torch's test_load_state_dict_BC, and the same on a module that has trained.
+
+    A version-1 (or unversioned) checkpoint predates num_batches_tracked: torch
+    2.13 fills it in with the module's own count (0 on a fresh module, as torch's
+    test checks; a tensor(0) on the meta device), so nothing is reported missing. A
+    version-2 checkpoint without it is missing a key (an error under strict) and
+    leaves the count alone. bnlab does the same in every case.
+    """
+    for ours, theirs in ((bnn.BatchNorm3d, nn.BatchNorm3d), (bnn.BatchNorm1d, nn.BatchNorm1d)):
+        got, got_err = _load_old_checkpoint(ours, count, version, strict)
+        want, want_err = _load_old_checkpoint(theirs, count, version, strict)
+        assert got.dtype == want.dtype == torch.long
+        assert got.item() == want.item(), (version, count, strict)
+        assert got_err == want_err
+        if version != 2:
+            assert got.item() == count and got_err is None  # torch's BC rule
+        else:
+            assert got_err == ("missing" if strict else None)
+    bn = bnn.BatchNorm2d(2, device="meta")  # the meta-device branch: a real zero count
+    sd = nn.BatchNorm2d(2).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    bn.load_state_dict(sd, assign=True)
+    assert bn.num_batches_tracked.device.type == "cpu" and bn.num_batches_tracked.item() == 0
+
+
 def test_fold_keeps_requires_grad_as_torch_fusion():
     from torch.nn.utils.fusion import fuse_linear_bn_eval
 

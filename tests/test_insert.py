@@ -217,6 +217,13 @@ def test_errors_name_the_problem():
         bnlab.insert_batchnorm(nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU()))
     with pytest.raises(ValueError, match="found no nonlinearity"):
         bnlab.insert_batchnorm(nn.Sequential(nn.Linear(3, 3)))
+    for bn_net in (  # already a BN network: say so, rather than advise nonlinearities=
+        bnlab.insert_batchnorm(mnist_mlp()),
+        nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU()),
+    ):
+        with pytest.raises(ValueError, match="already has BN.*already a BN network") as info:
+            bnlab.insert_batchnorm(bn_net)
+        assert "nonlinearities=" not in str(info.value)
     with pytest.raises(TypeError, match="nn.Module"):
         bnlab.insert_batchnorm(lambda x: x)
     with pytest.raises(TypeError, match="nonlinearities entries"):

@@ -491,3 +491,27 @@ def test_probes_on_a_seed_batched_inception():
     assert still["stem.2"]["l2"] == [0.0, 0.0]
     beta = smoothness(batched, per_copy_ce, (x, y), 0.05, factors=(1, 4), copies=copies)["beta"]
     assert len(beta) == 2 and all(math.isfinite(b) for b in beta)
+
+
+def test_probes_refuse_what_would_give_a_silent_answer():
+    """An optimizer over other parameters (every layer would read l2 0, cos 1), a
+    tensor for (x, y), and snapshots of different probe batches are refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    other = torch.optim.SGD(nn.Linear(4, 5).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer holds none of the model's"):
+        gradient_ics(model, F.cross_entropy, batch, other)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"batch must be the pair \(x, y\).*tensor of shape"):
+        gradient_ics(model, F.cross_entropy, batch[0], opt)
+    with pytest.raises(TypeError, match=r"batch must be the pair \(x, y\).*3 items"):
+        smoothness(model, F.cross_entropy, (*batch, None), lr=0.1)
+    assert gradient_ics(model, F.cross_entropy, batch, opt)  # the right call still works
+    x = torch.randn(16, 4)
+    before = activation_snapshot(model, x)
+    for other_x in (torch.randn(16, 4), x[:12]):
+        with pytest.raises(ValueError, match="different probe batches"):
+            distribution_shift(before, activation_snapshot(model, other_x))
+    same = distribution_shift(before, activation_snapshot(model, x.clone()))
+    assert same["1"]["mean_drift"] == [0.0]

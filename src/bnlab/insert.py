@@ -18,6 +18,7 @@ from bnlab.graph import (
     batchnorm_class_for,
     calls_per_module,
     has_submodule,
+    is_batchnorm,
     is_sequential_tree,
     matches_nonlinearity,
     module_of,
@@ -252,6 +253,13 @@ def insert_batchnorm(
     else:
         new, inserted = _insert_fx(copy.deepcopy(model), nonlinearities, momentum, eps)
     if not inserted:
+        has_bn = [n or type(model).__name__ for n, m in model.named_modules() if is_batchnorm(m)]
+        if has_bn:
+            raise ValueError(
+                f"insert_batchnorm found nothing to do: {type(model).__name__} already has BN "
+                f"({len(has_bn)} layer(s), e.g. {has_bn[0]!r}) and no Linear/ConvNd layer that "
+                "feeds a nonlinearity directly; it is already a BN network"
+            )
         raise ValueError(
             f"insert_batchnorm found no nonlinearity fed directly by a Linear/ConvNd layer in "
             f"{type(model).__name__}; pass the nonlinearities your model uses with "

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,7 @@ __all__ = [
     "gaussian_kl",
     "gradient_ics",
     "ics_layers",
+    "probe_fingerprint",
     "smoothness",
     "unit_shift",
     "wasserstein_1d",
@@ -136,6 +138,43 @@ def _loss_per_copy(value: Tensor, copies: int, need_per_copy: bool) -> Tensor:
     )
 
 
+def _check_batch(batch: object, probe: str) -> None:
+    """Refuse a ``batch`` that is not an ``(x, y)`` pair, before any work is done."""
+    if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = (
+            f"a tensor of shape {tuple(batch.shape)}"
+            if isinstance(batch, Tensor)
+            else f"a {type(batch).__name__}"
+            + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+        )
+        raise TypeError(
+            f"{probe}: batch must be the pair (x, y) the loss is computed on, got {got}; "
+            "pass e.g. batch=(x, y) with the step's inputs and targets"
+        )
+
+
+def _check_optimizer_holds(optimizer: object, params: dict[str, Tensor], probe: str) -> None:
+    """Refuse an optimizer that steps none of the model's trainable parameters.
+
+    Its step would move nothing, so every layer would report "no shift" (l2 0,
+    cos 1) whatever the model does.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"{probe}: optimizer must be a torch.optim.Optimizer (the one training steps "
+            f"with), got {type(optimizer).__name__}"
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if trainable and not any(id(params[n]) in held for n in trainable):
+        raise ValueError(
+            f"{probe}: the optimizer holds none of the model's {len(trainable)} trainable "
+            f"parameters (e.g. {trainable[0]!r}), so its step would move nothing and every "
+            "layer would report no shift; pass the optimizer built on this model's "
+            "parameters (e.g. torch.optim.SGD(model.parameters(), lr=...))"
+        )
+
+
 def _gradients(
     model: nn.Module,
     loss_fn: LossFn,
@@ -212,6 +251,9 @@ class UnitStats:
             Q = ``count`` (every sample kept), a Q-point discretization otherwise.
         count: samples per unit (N, or N times the positions).
         copies: seed-batched copies; copy k owns units [k C/S, (k+1) C/S).
+        probe: a fingerprint of the probe batch the model ran on (set by
+            :func:`activation_snapshot`; None for :func:`compute_unit_stats`), so
+            that snapshots of different probe batches are not compared.
     """
 
     mean: Tensor
@@ -219,6 +261,15 @@ class UnitStats:
     quantiles: Tensor
     count: int
     copies: int
+    probe: str | None = None
+
+
+def probe_fingerprint(x: Tensor) -> str:
+    """A SHA-256 of a probe batch's shape, dtype and values (equal batches, equal prints)."""
+    t = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)} {t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def compute_unit_stats(x: Tensor, copies: int = 1, quantiles: int = DEFAULT_QUANTILES) -> UnitStats:
@@ -366,6 +417,9 @@ def activation_snapshot(
     missing = [n for n, _ in targets if n not in calls]
     if missing:
         raise ValueError(f"activation_snapshot: these modules were not called: {missing}")
+    if isinstance(x, Tensor):
+        probe = probe_fingerprint(x)
+        captured = {k: replace(v, probe=probe) for k, v in captured.items()}
     return captured
 
 
@@ -433,6 +487,16 @@ def unit_shift(prev: UnitStats, cur: UnitStats, eps: float = 1e-8) -> dict[str, 
             f"snapshots differ: {prev.mean.numel()} units and {prev.copies} copies before, "
             f"{cur.mean.numel()} units and {cur.copies} copies now"
         )
+    if prev.count != cur.count or (
+        prev.probe is not None and cur.probe is not None and prev.probe != cur.probe
+    ):
+        raise ValueError(
+            "the snapshots were taken on different probe batches "
+            f"({prev.count} and {cur.count} samples per unit"
+            + (", different values" if prev.count == cur.count else "")
+            + "), so their difference mixes the batches' difference with the shift; take "
+            "every snapshot on the same fixed probe batch x"
+        )
     return {
         "mean_drift": (cur.mean - prev.mean).abs(),
         "var_drift": (cur.biased_var - prev.biased_var).abs(),
@@ -457,7 +521,8 @@ def distribution_shift(
         units of the per-unit quantity of :func:`unit_shift`.
 
     Raises:
-        ValueError: the snapshots hold different layers or shapes.
+        ValueError: the snapshots hold different layers or shapes, or were taken
+            on different probe batches.
     """
     if list(prev) != list(cur):
         raise ValueError(
@@ -618,8 +683,10 @@ def gradient_ics(
         G' = G, even at G = 0; NaN when exactly one of them is 0), and ||G||_2.
     """
     _check_copies(copies)
+    _check_batch(batch, "gradient_ics")
     names = ics_layers(model, layers)
     params = dict(model.named_parameters())
+    _check_optimizer_holds(optimizer, params, "gradient_ics")
     buffers = dict(model.named_buffers())
     weights = {name: f"{name}.weight" for name in names}
     for w in weights.values():
@@ -696,6 +763,7 @@ def smoothness(
         beta-smoothness (NaN for a copy whose gradient is 0), and ||g||.
     """
     _check_copies(copies)
+    _check_batch(batch, "smoothness")
     factors = [float(f) for f in factors]
     if not factors or any(not f > 0 for f in factors):
         raise ValueError(f"factors must be a non-empty list of positive numbers, got {factors}")

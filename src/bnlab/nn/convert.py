@@ -91,6 +91,11 @@ def map_modules(module: nn.Module, fn) -> nn.Module:
     return module
 
 
+def _check_module(module: object, tool: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{tool} expects an nn.Module, got {type(module).__name__}")
+
+
 def _convert(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
     def swap(m: nn.Module) -> nn.Module | None:
         cls = mapping.get(type(m))
@@ -109,15 +114,13 @@ def replace_batchnorm(module: nn.Module) -> nn.Module:
     Example:
         >>> model = replace_batchnorm(torchvision_model)
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"replace_batchnorm expects an nn.Module, got {type(module).__name__}")
+    _check_module(module, "replace_batchnorm")
     return _convert(module, _TO_BNLAB)
 
 
 def revert_batchnorm(module: nn.Module) -> nn.Module:
     """The reverse of :func:`replace_batchnorm`: bnlab BN modules become PyTorch's."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"revert_batchnorm expects an nn.Module, got {type(module).__name__}")
+    _check_module(module, "revert_batchnorm")
     return _convert(module, _TO_TORCH)
 
 
@@ -174,18 +177,19 @@ def convert_to_batch_renorm(module: nn.Module, **schedule) -> nn.Module:
         >>> model = convert_to_batch_renorm(model, warmup_steps=1000, rmax_steps=8000)
     """
 
-    def swap(m: nn.Module) -> nn.Module | None:
+    _check_module(module, "convert_to_batch_renorm")
+    for m in module.modules():  # refuse before changing anything: no half-converted model
         _refuse_sync(m, "Batch Renorm")
-        cls = _TO_RENORM.get(type(m))
-        if cls is None:
-            return None
-        if not m.track_running_stats:
+        if type(m) in _TO_RENORM and not m.track_running_stats:
             raise ValueError(
                 f"cannot convert {m!r} to Batch Renorm: it has track_running_stats=False, and "
                 "Batch Renorm needs moving statistics (r and d compare the batch statistics "
                 "with them). Build the layer with track_running_stats=True"
             )
-        return swap_module_class(m, cls, **schedule)
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        cls = _TO_RENORM.get(type(m))
+        return None if cls is None else swap_module_class(m, cls, **schedule)
 
     return map_modules(module, swap)
 
@@ -206,8 +210,13 @@ def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn
         TypeError: a SyncBatchNorm (not supported).
     """
 
-    def swap(m: nn.Module) -> nn.Module | None:
+    _check_module(module, "convert_to_ghost_batchnorm")
+    for m in module.modules():  # refuse before changing anything: no half-converted model
         _refuse_sync(m, "ghost batch normalization")
+        if type(m) in _TO_GHOST:
+            _TO_GHOST[type(m)].check_virtual_batch_size(virtual_batch_size)
+
+    def swap(m: nn.Module) -> nn.Module | None:
         cls = _TO_GHOST.get(type(m))
         return (
             None
