@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import bnlab.train.io as bnio
+import bnlab.run_folder as bnio
 from bnlab.cli import main
 from bnlab.experiments.runner import prepare_out_dir
 
@@ -354,3 +354,60 @@ def _ppid(proc: Path) -> int | None:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+# --- the run folder's lock ---------------------------------------------------------------
+
+
+def test_the_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with bnio.locked_folder(folder):
+        with pytest.raises(bnio.FolderLockedError, match=rf"in use by .*pid {os.getpid()} on"):
+            with bnio.locked_folder(folder):
+                pass
+    with bnio.locked_folder(folder):  # released on exit
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, bnlab.run_folder as r\n"
+         f"with r.locked_folder({str(folder)!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(bnio.FolderLockedError, match=rf"pid {holder.pid} on"):
+            with bnio.locked_folder(folder):
+                pass
+    finally:
+        holder.kill()  # no chance to clean up: the kernel releases the lock
+        holder.wait()
+    with bnio.locked_folder(folder):
+        pass
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_folder_is_refused_with_its_holder(tmp_path):
+    """Two --resume runs into one --out both trained and wrote every record twice; a
+    second fresh run was refused as 'already holds this run'. Now both name the holder."""
+    out = tmp_path / "run"
+    p = _launch(*LONG, "--out", str(out), "--quiet")
+    try:
+        _wait_for(out / "work" / "bn.pt")
+        for extra in (["--resume"], []):
+            second = _launch(*LONG, "--out", str(out), "--quiet", *extra)
+            _, err = second.communicate(timeout=120)
+            assert second.returncode == 2, err
+            assert f"is in use by another bnlab run (pid {p.pid} on" in err, err
+            assert "already holds this run" not in err and "Traceback" not in err
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # killed: its lock goes with it
+        p.communicate()
+    p = _launch(*LONG, "--out", str(out), "--resume")
+    try:
+        deadline, lines = time.time() + 90, ""
+        while time.time() < deadline and "resumed from step" not in lines:
+            lines += p.stdout.readline()
+        assert "resumed from step" in lines
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()

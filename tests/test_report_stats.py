@@ -17,7 +17,7 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import to_strict_json as strict_json
+from bnlab.run_folder import to_strict_json as strict_json
 
 
 def test_mean_std_ci_t_interval_on_known_values():

@@ -12,7 +12,7 @@ from torch import nn
 from bnlab import backend
 from bnlab.experiments.figure1 import Figure1Config
 from bnlab.experiments.runner import _train_arm
-from bnlab.train.io import CheckpointError, read_jsonl
+from bnlab.run_folder import CheckpointError, read_jsonl
 from bnlab.train.loop import TrainJob, make_sgd, train
 
 PIN = Path(__file__).parent / "data" / "figure1_pin_metrics.jsonl"

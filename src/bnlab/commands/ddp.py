@@ -35,7 +35,7 @@ def _problems(args: argparse.Namespace, world: int) -> list[str]:
 
 def _out_problem(out: Path) -> str | None:
     """Why the model cannot be saved to ``out`` (checked before training), or None."""
-    from bnlab.train.io import folder_problem
+    from bnlab.run_folder import folder_problem
 
     if out.is_dir():
         return f"--out {out} is a folder; give a file name, e.g. {out / 'model.pt'}"
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     from bnlab.insert import insert_batchnorm
     from bnlab.models import mnist_mlp
     from bnlab.nn.sync import CollectiveError
-    from bnlab.train.io import save_checkpoint
+    from bnlab.run_folder import save_checkpoint
     from bnlab.train.loop import train_distributed
 
     try:

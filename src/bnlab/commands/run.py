@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bnlab.commands import positive_float, positive_int
 from bnlab.experiments.runner import Interrupted, run_experiment
-from bnlab.train.io import CheckpointError
+from bnlab.run_folder import CheckpointError
 
 __all__ = ["add_run_options", "resume_command", "run_from_cli"]
 

@@ -41,7 +41,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from bnlab.distributed import DistInfo, decided_on_main, init_distributed
-from bnlab.train.io import atomic_write_text, folder_problem, read_json, read_jsonl, write_json
+from bnlab.run_folder import (
+    LOCK_NAME,
+    atomic_write_text,
+    folder_problem,
+    locked_folder,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from bnlab.train.loop import train
 
 __all__ = ["Interrupted", "WorkerError", "env_info", "prepare_out_dir", "run_experiment"]
@@ -161,7 +169,7 @@ def prepare_out_dir(out: Path, experiment: str, identity: dict, resume: bool) ->
                 "it, or choose another --out"
             )
         return True
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(
             f"--out {out} is not empty and holds no bnlab run; choose a new or empty folder"
         )
@@ -176,11 +184,31 @@ def _same_setting(key: str, saved, now) -> bool:
     return saved == now
 
 
+def _locked_set_up(
+    exp, name: str, cfg, out: Path, identity: dict, resume: bool, hold: contextlib.ExitStack
+) -> bool:
+    """Lock ``out`` for this run (the lock stays on ``hold``), then set it up.
+
+    The folder is created (and found writable) before anything else; if it was
+    created here and the run is refused, it is removed again: no output is left.
+    """
+    created = not out.exists()
+    try:
+        _check_writable(out)
+        hold.enter_context(locked_folder(out))
+        return _set_up_out_dir(exp, name, cfg, out, identity, resume)
+    except BaseException:
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
 def _set_up_out_dir(exp, name: str, cfg, out: Path, identity: dict, resume: bool) -> bool:
     """Check ``out`` (:func:`prepare_out_dir`), then write ``config.json`` and ``env.json``
     for a new run and clear old worker errors; returns whether the run resumes."""
     resuming = prepare_out_dir(out, name, identity, resume)
-    _check_writable(out)
     if not resuming:
         write_json(out / "config.json", {"experiment": name, "config": dataclasses.asdict(cfg)})
         write_json(out / "env.json", env_info())
@@ -327,7 +355,8 @@ def run_experiment(
 
     exp, name = _experiment(module), module.rsplit(".", 1)[-1]
     info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
-    with _sigterm_interrupts():
+    # The main process holds the run folder's lock until the report is written.
+    with _sigterm_interrupts(), contextlib.ExitStack() as hold:
         try:
             main, world = info.is_main, info.world_size
             exp.validate(cfg)
@@ -335,7 +364,7 @@ def run_experiment(
             out = Path(out)
             identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
             resuming = decided_on_main(
-                lambda: _set_up_out_dir(exp, name, cfg, out, identity, resume), info
+                lambda: _locked_set_up(exp, name, cfg, out, identity, resume, hold), info
             )
             work = out / "work"
             arms = exp.arms(cfg)

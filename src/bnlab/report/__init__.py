@@ -58,7 +58,7 @@ def read_run(run_dir: Path, experiment: str) -> tuple[dict, dict, list[dict]]:
     Raises:
         ReportError: config.json or metrics.jsonl is missing.
     """
-    from bnlab.train.io import read_json, read_jsonl
+    from bnlab.run_folder import read_json, read_jsonl
 
     for name in ("config.json", "metrics.jsonl"):
         if not (run_dir / name).exists():
@@ -90,7 +90,7 @@ def _report_module(run_dir: Path) -> ModuleType:
             f"{run_dir} has no config.json: not a bnlab run folder "
             "(`bnlab reproduce EXPERIMENT --out DIR` writes one)"
         )
-    from bnlab.train.io import read_json
+    from bnlab.run_folder import read_json
 
     try:
         config = read_json(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bnlab.report import EXPERIMENTS, ReportError
 from bnlab.report.render import markdown_table, write_documents
-from bnlab.train.io import read_json, write_json
+from bnlab.run_folder import read_json, write_json
 
 __all__ = ["CLAIMS", "build_claims"]
 

@@ -27,7 +27,7 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import write_json
+from bnlab.run_folder import write_json
 
 __all__ = ["FILES", "ReportError", "build_report", "mean_std_ci", "summarize"]
 

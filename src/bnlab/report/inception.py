@@ -25,7 +25,7 @@ from bnlab.report.stats import (
     speedup,
     verdict,
 )
-from bnlab.train.io import write_json
+from bnlab.run_folder import write_json
 
 __all__ = ["FILES", "PAPER_FIGURE3", "build_report", "summarize"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.report import ReportError
-from bnlab.train.io import atomic_write_bytes, atomic_write_text, write_json
+from bnlab.run_folder import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = [
     "environment_line",

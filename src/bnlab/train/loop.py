@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from bnlab.distributed import DistInfo, prepare_model, shard
 from bnlab.nn.sync import revert_sync_batchnorm
-from bnlab.train.io import (
+from bnlab.run_folder import (
     CheckpointError,
     atomic_write_text,
     load_checkpoint,

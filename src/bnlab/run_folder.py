@@ -1,12 +1,23 @@
-"""Files that survive being killed at any moment: atomic writes, safe checkpoint loads."""
+"""A run folder's files: atomic writes, safe checkpoint loads, and the folder's lock.
+
+Everything here survives being killed at any moment: a file is the old one or the
+new one, never half of one, and a killed run's lock is released by the kernel.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +25,13 @@ import numpy as np
 import torch
 
 __all__ = [
+    "LOCK_NAME",
     "CheckpointError",
+    "FolderLockedError",
     "atomic_write_bytes",
     "atomic_write_text",
     "folder_problem",
+    "locked_folder",
     "TornRecordWarning",
     "load_checkpoint",
     "read_json",
@@ -87,6 +101,58 @@ def folder_problem(folder: Path) -> str | None:
     except OSError as e:
         return f"cannot write in {folder} ({e.strerror or e})"
     return None
+
+
+LOCK_NAME = ".lock"  # in the run folder: the holder's pid, host, start time and command
+
+
+class FolderLockedError(ValueError):
+    """Another process holds the run folder (it is training or reporting there)."""
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[Path]:
+    """Hold ``folder``'s lock for the block, or refuse at once with who holds it.
+
+    Two runs writing one folder (two ``--resume`` of the same run, say) each train
+    every arm and append every record twice; one run judging the folder while the
+    other is still writing it refuses with a misleading reason. The lock is an
+    ``fcntl.flock`` on ``folder/.lock``, which the kernel releases when the holder
+    exits or is killed, so a stale lock never blocks a later run; the file holds
+    the holder's pid, host, start time and command, to name it in the error.
+
+    Args:
+        folder: an existing folder.
+
+    Raises:
+        FolderLockedError: another process holds the lock (a ValueError).
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderLockedError(
+                f"{folder} is in use by another bnlab run ({holder}); wait for it to finish "
+                "(or stop it), or choose another --out"
+            ) from None
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?"
+        holder = (
+            f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        try:
+            yield folder
+        finally:
+            with contextlib.suppress(OSError):  # the file may be gone with its folder
+                os.ftruncate(fd, 0)  # released: no holder to name
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def to_strict_json(obj: Any) -> Any:
