@@ -20,10 +20,12 @@ from bnlab.models.inception import inception_net
 from bnlab.models.mlp import mnist_mlp
 from bnlab.probes import (
     activation_snapshot,
+    compute_layer_jacobians,
     compute_unit_stats,
     distribution_shift,
     gradient_ics,
     ics_layers,
+    jacobian_singular_values,
     smoothness,
     unit_shift,
     wasserstein_1d,
@@ -515,3 +517,177 @@ def test_probes_refuse_what_would_give_a_silent_answer():
             distribution_shift(before, activation_snapshot(model, other_x))
     same = distribution_shift(before, activation_snapshot(model, x.clone()))
     assert same["1"]["mean_drift"] == [0.0]
+
+
+# ------------------------------------------------------------------ Jacobian singular values
+
+
+def linear_with(weight, bias=True):
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias).double()
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+def orthogonal(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q
+
+
+def test_jacobian_of_an_orthogonal_linear_map_has_singular_values_one():
+    """a -> Q a + b between two probed points: every singular value is 1, c Q gives
+    c, orthonormal rows (6 -> 3) give three 1s; a per-unit scaling is 1 when normalized."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    q = orthogonal(6, 1)
+    for weight, want in [(q, 1.0), (2.5 * q, 2.5), (q[:3], 1.0)]:
+        model = nn.Sequential(
+            linear_with(torch.randn(6, 4, dtype=torch.float64)),
+            nn.Identity(),
+            linear_with(weight),
+            nn.Identity(),
+        )
+        jac = compute_layer_jacobians(model, x, layers=[nn.Identity], scale="raw", examples=4)
+        assert list(jac) == ["1->3"] and jac["1->3"].shape == (4, 1, weight.shape[0], 6)
+        torch.testing.assert_close(jac["1->3"], weight.expand(4, 1, -1, -1))
+        sv = jacobian_singular_values(model, x, layers=[nn.Identity], scale="raw")["1->3"]
+        for key in ("mean", "rms", "min", "max", "q05", "q50", "q95"):
+            assert sv[key] == [pytest.approx(want, abs=1e-12)], key
+        assert sv["frac_within"] == [1.0 if 0.5 <= want <= 2 else 0.0]
+    c = torch.tensor([0.01, -3.0, 7.0, 0.5], dtype=torch.float64)
+    scaled = nn.Sequential(nn.Identity(), linear_with(torch.diag(c)), nn.Identity())
+    raw = jacobian_singular_values(scaled, x, layers=[nn.Identity], scale="raw")["0->2"]
+    assert raw["max"] == [pytest.approx(7.0)] and raw["min"] == [pytest.approx(0.01)]
+    norm = jacobian_singular_values(scaled, x, layers=[nn.Identity])["0->2"]
+    assert norm["min"] == [pytest.approx(1.0)] and norm["max"] == [pytest.approx(1.0)]
+
+
+def test_jacobian_through_bn_and_sigmoid_matches_the_chain_rule():
+    """x -> BN -> sigmoid -> W -> (next BN's input): W diag(sigmoid'(y_n)) diag(gamma /
+    sqrt(var + eps)), with the probe batch's statistics (training) or the running ones."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    model = nn.Sequential(
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
+        nn.Sigmoid(),
+        linear_with(w),
+        nn.BatchNorm1d(3),
+        nn.Sigmoid(),
+    ).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+        model[1].running_mean.uniform_(-1.0, 1.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(12, 4, dtype=torch.float64)
+    h = model[0](x).detach()
+    bn = model[1]
+    for training, mean, var in [
+        (True, h.mean(0), h.var(0, correction=0)),
+        (False, bn.running_mean, bn.running_var),
+    ]:
+        y = (h - mean) / (var + bn.eps).sqrt() * bn.weight.detach() + bn.bias.detach()
+        s = torch.sigmoid(y)
+        want = w * (s * (1 - s))[:, None, :] * (bn.weight.detach() / (var + bn.eps).sqrt())
+        raw = compute_layer_jacobians(model, x, training=training, scale="raw", examples=None)
+        assert list(raw) == ["1->4"]
+        torch.testing.assert_close(raw["1->4"][:, 0], want)
+        # normalized: diag(1 / s_out) J diag(s_in), per-unit stds of the probe batch
+        z = model[:4](x).detach() if training else model[:4].eval()(x).detach()
+        model.train()
+        scaled = want * h.std(0, correction=0) / z.std(0, correction=0)[:, None]
+        norm = compute_layer_jacobians(model, x, training=training, examples=None)
+        torch.testing.assert_close(norm["1->4"][:, 0], scaled)
+    # Without BN's batch coupling, the Jacobian is the same at any batch size.
+    part = compute_layer_jacobians(model, x[:3], training=False, scale="raw")
+    torch.testing.assert_close(part["1->4"], raw["1->4"][:3])
+
+
+def test_jacobian_probe_does_not_change_the_model():
+    model = make_mlp([0, 1]).train()
+    opt = sgd(model)
+    train_steps(model, opt, 2, 2)
+    model[4].eval()  # a mixed set of modes, restored as it was
+    modes = [m.training for m in model.modules()]
+    state = snapshot_state(model, opt)
+    x = torch.randn(20, IN, dtype=torch.float64)
+    rng = torch.get_rng_state()
+    with torch.no_grad():  # the caller's grad mode does not matter
+        a = jacobian_singular_values(model, x, copies=2)
+    b = jacobian_singular_values(model, x, copies=2, training=False)
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_state(state, snapshot_state(model, opt))
+    assert model[1].num_batches_tracked.item() == 2
+    assert list(a) == ["1->4"] and a != b  # batch vs running statistics
+    json.dumps([a, b])
+    assert all(len(v) == 2 for v in a["1->4"].values())
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_jacobians_of_seed_batched_copies_equal_single_models(bn):
+    seeds, copies = [0, 1, 2], 3
+    batched = make_mlp(seeds, bn=bn)
+    singles = [make_mlp([s], bn=bn) for s in seeds]
+    x = torch.randn(20, IN, dtype=torch.float64)
+    pair = "1->4" if bn else "1->3"
+    for training in (True, False):
+        jac_b = compute_layer_jacobians(batched, x, copies=copies, training=training)[pair]
+        sv_b = jacobian_singular_values(batched, x, copies=copies, training=training)[pair]
+        assert jac_b.shape == (20, copies, HIDDEN, HIDDEN)
+        for k, m in enumerate(singles):
+            jac_k = compute_layer_jacobians(m, x, training=training)[pair]
+            torch.testing.assert_close(jac_b[:, k], jac_k[:, 0])
+            sv_k = jacobian_singular_values(m, x, training=training)[pair]
+            for key, v in sv_k.items():
+                assert sv_b[key][k] == pytest.approx(v[0], rel=1e-9, abs=1e-12), key
+
+
+class CenterOverBatch(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)
+
+
+def test_jacobian_probe_refuses_what_it_cannot_measure():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    one_point = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="at least two probed points"):
+        jacobian_singular_values(one_point, x)
+    relu = nn.ReLU()
+    reused = nn.Sequential(nn.Linear(4, 5), relu, nn.Linear(5, 5), relu)
+    with pytest.raises(ValueError, match="called more than once"):
+        jacobian_singular_values(reused, x)
+    two = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+    assert list(jacobian_singular_values(two, x)) == ["1->3"]  # the right call works
+    with pytest.raises(ValueError, match="scale must be one of"):
+        jacobian_singular_values(two, x, scale="log")
+    with pytest.raises(ValueError, match="N >= 2"):
+        jacobian_singular_values(two, x[:1])
+    with pytest.raises(ValueError, match="examples must be a positive int"):
+        jacobian_singular_values(two, x, examples=0)
+    with pytest.raises(ValueError, match="not a multiple of copies=2"):
+        jacobian_singular_values(two, x, copies=2)
+    with pytest.raises(ValueError, match="max_entries"):
+        jacobian_singular_values(two, x, max_entries=100)
+    with pytest.raises(ValueError, match="band"):
+        jacobian_singular_values(two, x, band=(2.0, 0.5))
+    with pytest.raises(ValueError, match="constant on the probe batch"):
+        jacobian_singular_values(two, torch.ones(8, 4))
+    no_stats = nn.Sequential(
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5, track_running_stats=False),
+        nn.Linear(5, 5),
+        nn.BatchNorm1d(5),
+    )
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        jacobian_singular_values(no_stats, x)
+    mixing = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), CenterOverBatch(), nn.Tanh())
+    with pytest.raises(ValueError, match="mixes examples"):
+        jacobian_singular_values(mixing, x, examples=4)
+    parallel = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5))
+    parallel.register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(ValueError, match="no module named"):
+        jacobian_singular_values(parallel, x, layers=["1", "9"])

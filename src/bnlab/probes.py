@@ -1,8 +1,9 @@
-"""Probes of internal covariate shift and of loss-landscape smoothness.
+"""Probes of internal covariate shift, loss-landscape smoothness and layer Jacobians.
 
 The paper explains BN's speed-up by a reduction of internal covariate shift (ICS)
 but never measures it (PAPER.md Section 9). These probes measure it on any
-model, in three ways, cheaply enough to run every few hundred training steps:
+model, in three ways, cheaply enough to run every few hundred training steps,
+and test one more of the paper's conjectures:
 
 * :func:`activation_snapshot` and :func:`distribution_shift`: the
   distributional shift of each BN layer's input (or, without BN, each
@@ -13,6 +14,10 @@ model, in three ways, cheaply enough to run every few hundred training steps:
   define it (PAPER.md Section 10): ||G - G'||_2 and cos(G, G') per layer.
 * :func:`smoothness`: the loss range, gradient predictiveness and effective
   beta-smoothness along the gradient (PAPER.md Section 10).
+* :func:`jacobian_singular_values` (and :func:`compute_layer_jacobians`): the
+  singular values of the per-example Jacobians between consecutive BN inputs
+  (or nonlinearity inputs), in the normalized coordinates of Section 3.3's
+  conjecture that BN keeps them close to 1 (PAPER.md Section 5).
 
 None of them changes the model, its optimizer or the random state: they run the
 model with ``torch.func.functional_call`` on detached parameters and cloned
@@ -28,7 +33,8 @@ reports one value per copy. Copy k owns block k of every parameter's dim 0
 ...) weight, BN's (S * C,) gamma) and block k of every activation's dim 1
 ((N, S * C) or (N, S * C, H, W)).
 
-Every result is JSON-friendly: a dict of lists of Python floats, one per copy.
+Every result is JSON-friendly: a dict of lists of Python floats, one per copy
+(:func:`compute_layer_jacobians`, the tensors behind one of them, excepted).
 """
 
 from __future__ import annotations
@@ -48,11 +54,13 @@ from bnlab.graph import NONLINEAR_MODULES, is_batchnorm
 __all__ = [
     "UnitStats",
     "activation_snapshot",
+    "compute_layer_jacobians",
     "compute_unit_stats",
     "distribution_shift",
     "gaussian_kl",
     "gradient_ics",
     "ics_layers",
+    "jacobian_singular_values",
     "probe_fingerprint",
     "smoothness",
     "unit_shift",
@@ -809,3 +817,428 @@ def smoothness(
         "beta": betas_t.max(0).values.tolist(),
         "grad_norm": g_norm.tolist(),
     }
+
+
+# --------------------------------------------------------------------------
+# 4. Singular values of the Jacobians between layers (Section 3.3)
+# --------------------------------------------------------------------------
+
+JACOBIAN_SCALES = ("normalized", "raw")
+DEFAULT_JACOBIAN_EXAMPLES = 32
+DEFAULT_JACOBIAN_MAX_ENTRIES = 1 << 24  # 16.8M Jacobian entries: 134 MB in float64
+DEFAULT_BAND = (0.5, 2.0)
+SINGULAR_VALUE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook to stop the forward at the next probed point."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.value = value
+
+
+@contextlib.contextmanager
+def _jacobian_modes(model: nn.Module, bn_training: bool) -> Iterator[None]:
+    """Every module in eval mode but BN, in ``bn_training`` mode; all modes restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in model.modules():
+            m.training = bn_training and is_batchnorm(m)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _per_copy_entries(t: Tensor, copies: int, what: str) -> Tensor:
+    """(N, S * C, *positions) -> (N, S, C * prod(positions)): copy k's entries of each example.
+
+    Copy k owns channels [k C, (k + 1) C) at every position, which are contiguous
+    in the (N, S * C, *positions) layout once the example is fixed.
+    """
+    if t.dim() < 2:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}; expected (N, C, ...)")
+    _per_copy(t[:1], copies, what, dim=1)
+    return t.reshape(t.shape[0], copies, -1)
+
+
+def _unit_std(t: Tensor, copies: int) -> Tensor:
+    """(S, C * prod(positions)): the probe batch's per-unit biased std, at every entry.
+
+    A unit is a feature of an (N, C) activation and a channel of an (N, C, ...)
+    one (over examples and positions), the units BN normalizes (Section 3.2).
+    """
+    dims = [0, *range(2, t.dim())]
+    std = t.double().var(dim=dims, correction=0).sqrt()  # (S * C,)
+    per_entry = std.reshape(1, -1, *([1] * (t.dim() - 2))).expand(1, *t.shape[1:])
+    return per_entry.reshape(copies, -1)  # (S, C * prod(positions))
+
+
+def _vjp_rows(out: Tensor, leaf: Tensor, copies: int) -> Tensor:
+    """Per-example, per-copy Jacobians d out[n, copy k] / d leaf[n, copy k].
+
+    The map from ``leaf`` to ``out`` acts on each example and each copy on its own
+    (checked by the caller for examples; the seed-batched layout for copies), so
+    one vector-Jacobian product whose cotangent is e_j in every example's and every
+    copy's block gives row j of all E * S Jacobians at once: d_out products in all.
+
+    Returns:
+        (E, S, d_out, d_in) in ``out``'s dtype.
+    """
+    e = out.shape[0]
+    d_out = out[0].numel() // copies
+    d_in = leaf[0].numel() // copies
+    eye = torch.eye(d_out, dtype=out.dtype, device=out.device)
+    # (d_out, E, S, d_out): cotangent j is e_j in every (example, copy) block.
+    cot = eye[:, None, None, :].expand(d_out, e, copies, d_out).reshape(d_out, *out.shape)
+    try:
+        (rows,) = torch.autograd.grad(out, leaf, cot, retain_graph=True, is_grads_batched=True)
+    except (RuntimeError, NotImplementedError):
+        # An op without a batching rule for its backward: one product per row.
+        rows = torch.stack([torch.autograd.grad(out, leaf, c, retain_graph=True)[0] for c in cot])
+    # (d_out, E, S, d_in) -> (E, S, d_out, d_in)
+    return rows.reshape(d_out, e, copies, d_in).permute(1, 2, 0, 3)
+
+
+def compute_layer_jacobians(
+    model: nn.Module,
+    x: Tensor,
+    layers: LayerSpec | None = None,
+    copies: int = 1,
+    *,
+    training: bool = True,
+    scale: str = "normalized",
+    examples: int | None = DEFAULT_JACOBIAN_EXAMPLES,
+    max_entries: int = DEFAULT_JACOBIAN_MAX_ENTRIES,
+) -> dict[str, Tensor]:
+    """Per-example Jacobians between consecutive probed points (Section 3.3).
+
+    The probed points are the inputs of the chosen modules, in the order the
+    forward calls them: a_1, a_2, ..., a_P (default: every BN module's input, or
+    in a network without BN every nonlinearity's input; see
+    :func:`activation_snapshot`). For each consecutive pair and each probe
+    example n, the Jacobian of the map a_i -> a_{i+1} at example n:
+
+        raw:         J_n = d a_{i+1}(n) / d a_i(n)                      (d_out, d_in)
+        normalized:  J_n = diag(1 / s_{i+1}) (d a_{i+1}(n) / d a_i(n)) diag(s_i)
+
+    where s_i is a_i's per-unit standard deviation on the probe batch (biased; per
+    feature, or per channel over examples and positions, as BN normalizes, Section
+    3.2). "normalized" is the Jacobian between the standardized vectors
+    a_hat = (a - mean) / s, the coordinates of the paper's argument (Section 3.3):
+    for two consecutive layers with normalized inputs and z_hat = F(x_hat), if
+    x_hat and z_hat are Gaussian, uncorrelated and F is locally linear,
+    I = Cov[z_hat] = J Cov[x_hat] J^T = J J^T, so every singular value of J is 1.
+    In a BN network probed at its BN inputs with ``training=True`` it is exactly
+    d x_hat_{i+1} / d x_hat_i of Algorithm 1 (up to BN's eps); in a network
+    without BN it is the same quantity for the same points, which makes the two
+    comparable whatever the scale of the weights. Standardizing fixes the scale
+    but not the shape: for a linear map between uncorrelated units every row of
+    the normalized J has norm 1 (rms singular value 1 for d_out = d_in), so what
+    the conjecture adds, and what this measures, is the spread (J J^T = I also
+    needs the rows orthogonal: uncorrelated outputs) and the nonlinearity's
+    slope. "raw" is the factor that backpropagation applies to dL/da_{i+1}
+    (dL/da_i = J^T dL/da_{i+1}), which depends on the scale of the activations.
+
+    The map includes everything the forward does between the two points: the
+    BN of a_i (if a_i is a BN input), the nonlinearity, whose derivative is taken
+    at example n (sigmoid' at each unit's value), and the next linear layer.
+    Other inputs of a_{i+1} (a skip connection around a_i) are held at their
+    values. A map between widths d_in != d_out has min(d_in, d_out) singular
+    values; J J^T = I is then possible only for d_out <= d_in (J^T J = I otherwise).
+
+    Batch statistics: with ``training=True`` every BN module normalizes with the
+    probe batch's mean and biased variance, *held fixed*: J_n is the Jacobian of
+    the per-example map that BN applies on this batch, as the paper's argument
+    treats F (a function of one normalized vector), not of the whole batch's map,
+    in which example n also moves mu_B and sigma_B (those terms are O(1/m), and
+    the batch map's Jacobian is (m d_out) x (m d_in), no longer a layer's).
+    Technically BN runs in eval mode with its running statistics replaced by the
+    batch's; the probe checks that this reproduces the training forward at every
+    probed point, and refuses BN variants whose training output is not
+    (x - mu_B) / sqrt(sigma2_B + eps) (batch renormalization, ghost batches).
+    With ``training=False`` BN uses its running statistics: the clean
+    per-example map of the inference network (Algorithm 2, step 11). Every other
+    module runs in eval mode in both cases: a dropout mask would make J a random
+    matrix whose spectrum reflects the mask rather than the weights.
+
+    Nothing changes: parameters are detached, buffers cloned, modes and the RNG
+    state restored; the model's ``.grad`` fields are not touched.
+
+    Cost: one forward of ``x``, then per pair one forward of the first E
+    examples up to a_{i+1} and d_out vector-Jacobian products, batched into one
+    backward of width d_out; memory E * S * d_out * (d_in + d_out) numbers. On
+    the Section 4.1 MLP (784-100-100-100-10) with 3 copies, N = 60 and E = 32:
+    about 50 ms on one CPU thread (:func:`jacobian_singular_values` adds about
+    0.15 s of SVDs); the first call in a process also pays about 0.8 s of
+    one-time imports for the batched backward.
+
+    Args:
+        model: called as ``model(x)``.
+        x: the probe batch (N, ...) with N >= 2; its statistics are BN's batch
+            statistics and the s_i of "normalized".
+        layers: module names or types whose inputs are the probed points (at
+            least two, each called once per forward); default as
+            :func:`activation_snapshot`.
+        copies: S of a seed-batched model: the Jacobian of copy k is the block of
+            copy k's entries of a_{i+1} and a_i (copies never mix).
+        training: BN with the probe batch's statistics held fixed (True), or
+            with its running statistics (False).
+        scale: ``"normalized"`` (default) or ``"raw"``, see above.
+        examples: the Jacobians are taken at the first E = min(N, examples)
+            examples of ``x`` (None: all N), which bounds the cost whatever N.
+        max_entries: refuse a pair for which E * S * d_out * max(d_in, d_out)
+            (the Jacobians' entries, and the cotangents') exceeds this; a feature
+            map has d = C * H * W.
+
+    Returns:
+        ``{"a->b": J}`` for consecutive probed modules a, b (their names), J of
+        shape (E, S, d_out, d_in), float64, d = a copy's entries of one example
+        (C, or C * prod(positions)).
+
+    Raises:
+        ValueError: fewer than two probed points, a module called more than once,
+            a point that does not depend on the one before, a BN module without
+            running statistics or whose training forward is not plain BN, a unit
+            with zero spread on the probe batch ("normalized"), too many entries.
+    """
+    _check_copies(copies)
+    if scale not in JACOBIAN_SCALES:
+        raise ValueError(f"scale must be one of {JACOBIAN_SCALES}, got {scale!r}")
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 2:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"x must be a probe batch tensor (N, ...) with N >= 2 examples, got {got}; the "
+            "batch statistics and the per-unit spread need several examples"
+        )
+    n = x.shape[0]
+    if examples is not None and (isinstance(examples, bool) or int(examples) < 1):
+        raise ValueError(f"examples must be a positive int or None (all), got {examples!r}")
+    e = n if examples is None else min(n, int(examples))
+    targets = _snapshot_modules(model, layers)
+    bn_modules = [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
+    for name, m in bn_modules:
+        if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
+            raise ValueError(
+                f"BN module {name!r} keeps no running statistics (track_running_stats=False), "
+                "so it cannot hold the batch statistics fixed and would mix the examples; "
+                "build it with track_running_stats=True"
+            )
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    acts: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
+    stats: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            acts[name] = args[0].detach()
+
+        return hook
+
+    def record_stats(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            a = args[0].detach()
+            dims = [0, *range(2, a.dim())]
+            stats[name] = (a.mean(dims), a.var(dims, correction=0))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in targets]
+    if training:
+        handles += [m.register_forward_pre_hook(record_stats(name)) for name, m in bn_modules]
+    results: dict[str, Tensor] = {}
+    with _pinned_rng(_cuda_devices(model)), _jacobian_modes(model, training):
+        try:
+            with torch.no_grad(), _recording_call_order(model) as order:
+                _forward(model, params, buffers, x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [name for name, _ in targets if name not in calls]
+        if missing:
+            raise ValueError(f"these probed modules were not called by the forward: {missing}")
+        twice = [name for name, k in calls.items() if k > 1]
+        if twice:
+            raise ValueError(
+                f"modules {twice} are called more than once per forward, so their input is not "
+                "one point of the network; pass layers= with modules called once"
+            )
+        points = sorted(targets, key=lambda t: order[t[0]])
+        if len(points) < 2:
+            raise ValueError(
+                f"the Jacobian probe needs at least two probed points, got {len(points)} "
+                f"({[p for p, _ in points]}); pass layers= with two or more modules (e.g. "
+                "every nonlinearity type)"
+            )
+        for name, _ in points:
+            _per_copy_entries(acts[name], copies, f"the input of {name!r}")
+        # BN in eval mode with the batch's statistics as its running ones: the
+        # training forward's per-example affine map, now with the statistics fixed.
+        state = dict(buffers)
+        for name, (mu_b, biased_var_b) in stats.items():
+            state[f"{name}.running_mean"] = mu_b
+            state[f"{name}.running_var"] = biased_var_b
+        std = {}
+        if scale == "normalized":
+            for name, _ in points:
+                s = _unit_std(acts[name], copies)
+                if not bool((s > 0).all()):
+                    raise ValueError(
+                        f"the input of {name!r} has {int((s == 0).sum())} entries whose unit is "
+                        "constant on the probe batch, so it cannot be standardized; use a probe "
+                        "batch with varied examples, or scale='raw'"
+                    )
+                std[name] = s
+        for m in model.modules():
+            m.training = False
+        for (a, mod_a), (b, mod_b) in zip(points, points[1:]):
+            d_in = acts[a][0].numel() // copies
+            d_out = acts[b][0].numel() // copies
+            # The Jacobians, and the d_out cotangents of the batched backward.
+            entries = e * copies * d_out * max(d_in, d_out)
+            if entries > max_entries:
+                raise ValueError(
+                    f"the Jacobians {a}->{b} need {e} examples x {copies} copies x {d_out} x "
+                    f"max({d_in}, {d_out}) = {entries} entries, more than "
+                    f"max_entries={max_entries}; "
+                    "pass fewer examples=, layers= with smaller activations, or a larger "
+                    "max_entries"
+                )
+            results[f"{a}->{b}"] = _pair_jacobian(
+                model, params, state, x[:e], acts, a, mod_a, b, mod_b, copies, std
+            )
+    return results
+
+
+def _pair_jacobian(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    state: dict[str, Tensor],
+    x: Tensor,
+    acts: dict[str, Tensor],
+    a: str,
+    mod_a: nn.Module,
+    b: str,
+    mod_b: nn.Module,
+    copies: int,
+    std: dict[str, Tensor],
+) -> Tensor:
+    """(E, S, d_out, d_in) float64: d a_b / d a_a at each of the E examples of ``x``."""
+    e = x.shape[0]
+    leaf = acts[a][:e].clone().requires_grad_(True)
+
+    def replace(module: nn.Module, args: tuple) -> tuple:
+        return (leaf, *args[1:])
+
+    def reach(module: nn.Module, args: tuple) -> None:
+        raise _Reached(args[0])
+
+    handles = [mod_a.register_forward_pre_hook(replace), mod_b.register_forward_pre_hook(reach)]
+    out = None
+    try:
+        with torch.enable_grad():
+            _forward(model, params, state, x)
+    except _Reached as r:
+        out = r.value
+    finally:
+        for h in handles:
+            h.remove()
+    if out is None or not out.requires_grad:
+        raise ValueError(f"the input of {b!r} does not depend on the input of {a!r}")
+    want = acts[b][:e]
+    tol = torch.finfo(want.dtype).eps ** 0.5 * max(1.0, float(want.abs().max()))
+    if out.shape != want.shape or float((out.detach() - want).abs().max()) > tol:
+        raise ValueError(
+            f"the input of {b!r} at the first {e} probe examples, computed with the batch "
+            "statistics held fixed, differs from the probe batch's forward: a module between "
+            f"{a!r} and {b!r} mixes examples, or a BN variant's training output is not "
+            "(x - mu_B) / sqrt(sigma2_B + eps) (batch renormalization, ghost batches); "
+            "use training=False"
+        )
+    jac = _vjp_rows(out, leaf, copies).double()  # (E, S, d_out, d_in)
+    if std:
+        jac = jac * std[a][None, :, None, :] / std[b][None, :, :, None]
+    return jac
+
+
+def jacobian_singular_values(
+    model: nn.Module,
+    x: Tensor,
+    layers: LayerSpec | None = None,
+    copies: int = 1,
+    *,
+    training: bool = True,
+    scale: str = "normalized",
+    examples: int | None = DEFAULT_JACOBIAN_EXAMPLES,
+    band: tuple[float, float] = DEFAULT_BAND,
+    max_entries: int = DEFAULT_JACOBIAN_MAX_ENTRIES,
+) -> dict[str, dict[str, list[float]]]:
+    """Singular values of the layer Jacobians, summarized (Section 3.3's conjecture).
+
+    The paper, Section 3.3: "Batch Normalization may lead the layer Jacobians to
+    have singular values close to 1, which is known to be beneficial for
+    training"; PAPER.md Section 5 restates it: "(The paper also conjectures that
+    BN keeps layer Jacobians' singular values close to 1.)" The paper's argument:
+    between two consecutive layers with normalized inputs, z_hat = F(x_hat) ~
+    J x_hat, and if x_hat, z_hat are Gaussian, uncorrelated and of unit variance,
+    J J^T = I: every singular value of J is 1, which preserves gradient
+    magnitudes in backpropagation. This probe measures those singular
+    values on a trained or untrained model, with and without BN alike.
+
+    For each consecutive pair of probed points and each copy, the singular values
+    of the E per-example Jacobians of :func:`compute_layer_jacobians` (see there
+    for the exact definition, the ``scale``, the treatment of batch statistics,
+    and the cost; an SVD of E * S matrices of d_out x d_in is added) are pooled,
+    E * min(d_out, d_in) values per copy, and summarized.
+
+    Args:
+        model, x, layers, copies, training, scale, examples, max_entries: see
+            :func:`compute_layer_jacobians`.
+        band: (lo, hi); ``frac_within`` is the fraction of singular values in
+            [lo, hi].
+
+    Returns:
+        ``{"a->b": {"mean": [...], "rms": [...], "min": [...], "max": [...],
+        "q05": [...], "q25": [...], "q50": [...], "q75": [...], "q95": [...],
+        "frac_within": [...]}}`` in forward order, each list one float per copy:
+        the mean, root mean square (= ||J||_F / sqrt(min(d_out, d_in)) averaged
+        in the square over examples), extremes, quantiles (linear interpolation)
+        and the fraction in ``band`` of that copy's pooled singular values.
+
+    Example:
+        >>> sv = jacobian_singular_values(model, x_probe, copies=3)
+        >>> sv["1->4"]["q50"]  # median singular value of each copy's layer-1-to-2 map
+    """
+    lo, hi = (float(v) for v in band)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"band must be (lo, hi) with 0 <= lo <= hi, got {band!r}")
+    jacobians = compute_layer_jacobians(
+        model,
+        x,
+        layers,
+        copies,
+        training=training,
+        scale=scale,
+        examples=examples,
+        max_entries=max_entries,
+    )
+    out: dict[str, dict[str, list[float]]] = {}
+    for pair, jac in jacobians.items():
+        sv = torch.linalg.svdvals(jac)  # (E, S, min(d_out, d_in)), descending
+        sv = sv.transpose(0, 1).reshape(copies, -1)  # (S, E * min(d_out, d_in))
+        levels = torch.tensor(SINGULAR_VALUE_QUANTILES, dtype=sv.dtype, device=sv.device)
+        q = torch.quantile(sv, levels, dim=1)
+        summary = {
+            "mean": sv.mean(1),
+            "rms": sv.pow(2).mean(1).sqrt(),
+            "min": sv.min(1).values,
+            "max": sv.max(1).values,
+            **{f"q{round(100 * p):02d}": q[k] for k, p in enumerate(SINGULAR_VALUE_QUANTILES)},
+            "frac_within": ((sv >= lo) & (sv <= hi)).double().mean(1),
+        }
+        out[pair] = {k: v.tolist() for k, v in summary.items()}
+    return out
