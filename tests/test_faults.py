@@ -118,14 +118,25 @@ def test_a_worker_that_cannot_write_its_error_is_reported_by_exit_status(tmp_pat
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers inherit it
     try:
         with pytest.raises(WorkerError) as e:
-            run_experiment("faulty_experiment", _faulty_config(), tmp_path / "run", progress=False,
-                           log=lambda *a: None)  # fmt: skip
+            run_experiment(_faulty_experiment(), _faulty_config(), tmp_path / "run",
+                           progress=False, log=lambda *a: None)  # fmt: skip
     finally:
         sys.path.remove(str(Path(__file__).parent))
     # The pool fails fast, so whichever arm ended first is the one named.
     assert re.search(
         r"\b[ab]: the worker exited with status 1 \(its error is above\)", str(e.value)
     )
+
+
+def _faulty_experiment():
+    from bnlab.lab import Experiment
+    from bnlab.report import figure1 as any_report  # never reached: every arm fails
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import faulty_experiment
+
+    sys.path.remove(str(Path(__file__).parent))
+    return Experiment("faulty", "faulty", "fails", faulty_experiment, any_report)
 
 
 def _faulty_config():

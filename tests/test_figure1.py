@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bnlab.cli import main
-from bnlab.experiments.figure1 import BatchSchedule, Figure1Config, build_arm_model
+from bnlab.experiments.figure1 import BatchSchedule, build_arm_model
+from bnlab.experiments.figure1 import Config as Figure1Config
 from bnlab.models import mnist_mlp
 
 TINY = [

@@ -11,7 +11,7 @@ from bnlab.cli import main
 from bnlab.experiments.inception import (
     NETWORKS,
     PRESETS,
-    InceptionConfig,
+    Config,
     config_for,
     ensemble_metrics,
     settings,
@@ -21,7 +21,7 @@ from bnlab.train.schedule import BatchSchedule
 
 
 def test_networks_follow_section_4_2_1_and_4_2_2():
-    cfg = InceptionConfig(base_lr=0.01, weight_decay=5e-4, decay=0.5)
+    cfg = Config(base_lr=0.01, weight_decay=5e-4, decay=0.5)
     s = {name: settings(name, cfg) for name in NETWORKS}
     base = s["inception"]
     assert not base["bn"] and base["dropout"] == 0.4 and base["lrn"]
@@ -54,7 +54,7 @@ def test_networks_follow_section_4_2_1_and_4_2_2():
 
 
 def test_presets_and_validation():
-    assert PRESETS["gpu"]["batch_size"] == 32 and PRESETS["cpu"]["batch_size"] == 32
+    assert all(config_for(p).batch_size == 32 for p in PRESETS)  # the paper's batch
     assert config_for("cpu").data == "data/cifar10" and config_for("quick").data is None
     validate(config_for("quick"))
     for bad in (

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bnlab.report.figure1 import ReportError, _verdicts, build_report, mean_std_ci, summarize
+from bnlab.report.figure1 import ReportError, build_report, mean_std_ci, summarize
 
 CONFIG = {"thresholds": [0.9, 0.95], "unit": 0}
 
@@ -28,12 +28,22 @@ def _records(base_acc, bn_acc, steps=(0, 100, 200, 300), drift=(2.0, 0.1)):
                     "p85": [1 + d * k] * len(acc),
                 }
             )
-    out.append({"kind": "final", "arm": "bn", "step": steps[-1], "test_acc_population": [0.99] * 2})
+    seeds = len(bn_acc[0])
+    out.append(
+        {"kind": "final", "arm": "bn", "step": steps[-1], "test_acc_population": [0.99] * seeds}
+    )
     return out
 
 
 BASE = [[0.1, 0.1], [0.5, 0.6], [0.91, 0.92], [0.93, 0.94]]
 BN = [[0.1, 0.1], [0.92, 0.96], [0.97, 0.97], [0.98, 0.99]]
+# three seeds: enough for an interval
+BASE3 = [[0.1, 0.1, 0.1], [0.5, 0.6, 0.55], [0.91, 0.92, 0.915], [0.93, 0.94, 0.935]]
+BN3 = [[0.1, 0.1, 0.1], [0.92, 0.96, 0.94], [0.97, 0.97, 0.97], [0.98, 0.99, 0.985]]
+
+
+def _by_title(summary: dict) -> dict:
+    return {v["title"]: v for v in summary["verdicts"]}
 
 
 def test_mean_std_ci_uses_the_t_interval():
@@ -54,13 +64,26 @@ def test_summarize_thresholds_speedup_and_stability():
     assert bn["steps_to_threshold"] == {"0.9": [100, 100], "0.95": [2000, 100]}
     assert s["speedup_steps_bn_vs_baseline"] == {"0.9": pytest.approx(20.0)}  # 0.95: never
     assert base["first_step_above_chance"] == bn["first_step_above_chance"] == [100, 100]
-    verdicts = dict(_verdicts(s))
-    assert all(v.startswith("agrees") for v in verdicts.values()), verdicts
+    # two seeds give no t-interval: every comparison is inconclusive and says to add seeds
+    # (the share of seeds that learn early has the Wilson interval, valid at any n)
+    for v in s["verdicts"]:
+        if v["claim"] is not None:
+            assert v["status"] == "inconclusive" and "only 2 seeds" in v["why"], v
+            assert v["interval"] is None and len(v["values"]) == 2
     assert s["bn_higher_final_acc_every_seed"] is True
     assert bn["final_test_acc_population_stats"]["mean"] == pytest.approx(0.99)
     # the median moves by 2.0 per evaluation without BN, 0.1 with (steps 100..300)
     assert base["sigmoid_input"]["median_range"] == pytest.approx(4.0)
     assert bn["sigmoid_input"]["median_range"] == pytest.approx(0.2)
+    # three seeds that all agree: every verdict agrees, with its claim id and interval
+    s = summarize(_records(BASE3, BN3, steps=(0, 100, 2000, 3000)), {**CONFIG, "seeds": 3})
+    verdicts = _by_title(s)
+    assert all(v["status"] == "agrees" for v in verdicts.values()), verdicts
+    faster = verdicts["BN trains faster"]
+    assert faster["claim"] == "fig1-faster" and faster["measured"] == pytest.approx(20.0)
+    assert faster["interval"] == pytest.approx([20.0, 20.0]) and faster["n"] == 3
+    assert verdicts["Sigmoid input more stable with BN"]["claim"] == "fig1-stable"
+    assert verdicts["Both networks learn from the start (Figure 1a)"]["claim"] is None
 
 
 def test_speedup_is_a_lower_bound_when_the_baseline_never_reaches_a_threshold():
@@ -73,33 +96,64 @@ def test_speedup_is_a_lower_bound_when_the_baseline_never_reaches_a_threshold():
         "0.9": pytest.approx(30.0),
         "0.95": pytest.approx(3000 / 1050),
     }
-    verdict = dict(_verdicts(s))["BN trains faster"]
-    assert verdict.startswith("agrees") and "at least 2.9x fewer steps" in verdict, verdict
+    verdict = _by_title(s)["BN trains faster"]
+    assert verdict["status"] == "inconclusive" and verdict["lower_bound"]  # 2 seeds
+    assert "at least 2.9x fewer steps" in verdict["result"], verdict
+    # three seeds, BN at 100 steps in each: a lower bound of 30x whose interval excludes 1x
+    base3 = [[0.1] * 3, [0.1] * 3, [0.5, 0.6, 0.55], [0.8, 0.85, 0.82]]
+    fast3 = [[0.1] * 3, [0.96] * 3, [0.97] * 3, [0.98] * 3]
+    s = summarize(_records(base3, fast3, steps=(0, 100, 2000, 3000)), CONFIG)
+    verdict = _by_title(s)["BN trains faster"]
+    assert verdict["status"] == "agrees" and verdict["interval"] == [30.0, None], verdict
+    assert "at least 30.0x fewer steps" in verdict["result"]
     # When BN misses a threshold in some seed there is no bound, and the verdict says so.
     bn_partly = [[0.1, 0.1], [0.5, 0.5], [0.91, 0.6], [0.92, 0.7]]  # seed 1 never reaches 90%
     s = summarize(_records(base, bn_partly, steps=(0, 100, 2000, 3000)), CONFIG)
     assert s["speedup_steps_bn_vs_baseline_at_least"] == {}
-    assert dict(_verdicts(s))["BN trains faster"].startswith("not measurable")
+    verdict = _by_title(s)["BN trains faster"]
+    assert verdict["status"] == "not measurable" and "--steps" in verdict["why"]
+
+
+def test_a_baseline_at_chance_makes_the_comparisons_inconclusive():
+    # Without BN every seed stays at 10% for the whole (short) run: nothing to compare with.
+    chance = [[0.1] * 3] * 4
+    s = summarize(_records(chance, BN3, drift=(0.0, 0.1)), {**CONFIG, "preset": "quick"})
+    verdicts = _by_title(s)
+    for title in ("BN reaches higher final test accuracy", "BN trains faster",
+                  "Sigmoid input more stable with BN"):  # fmt: skip
+        v = verdicts[title]
+        assert v["status"] == "inconclusive", v
+        assert "never left chance" in v["why"] and "--preset cpu" in v["why"]
+        assert v["smoke"] and v["preset"] == "quick"
 
 
 def test_report_says_so_when_our_numbers_disagree(tmp_path):
-    # BN worse in one seed and its sigmoid input drifting more: every verdict flips.
-    bn = [[0.1, 0.1], [0.3, 0.3], [0.5, 0.5], [0.95, 0.90]]
+    # BN worse in every seed and its sigmoid input drifting more: those verdicts flip.
+    bn = [[0.1] * 3, [0.3] * 3, [0.5] * 3, [0.85, 0.80, 0.82]]
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(
         json.dumps({"experiment": "figure1", "config": {**CONFIG, "data": None, "steps": 300,
                     "batch_size": 60, "momentum": 0.9, "lr": 0.01, "init_std": 0.01,
-                    "seeds": 2, "eval_every": 100, "population_batches": 3}})
+                    "seeds": 3, "eval_every": 100, "population_batches": 3,
+                    "preset": "quick"}})
     )  # fmt: skip
-    records = _records(BASE, bn, drift=(0.1, 2.0))
+    records = _records(BASE3, bn, drift=(0.1, 2.0))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = build_report(run)
     assert summary["bn_higher_final_acc_every_seed"] is False
     md = (run / "report.md").read_text()
-    # final accuracy, speed, learning from the start (100 > 5% of 300 steps), stability
-    assert md.count("does not agree") == 4
+    # final accuracy and stability: intervals on the other side of no effect
+    assert md.count("**does not agree") == 2
+    verdicts = _by_title(summary)
+    assert verdicts["BN trains faster"]["status"] == "not measurable"  # BN never reached 90%
+    # learning from the start (100 > 5% of 300 steps) in no seed: 0 of 3
+    start = verdicts["Both networks learn from the start (Figure 1a)"]
+    assert start["status"] == "inconclusive" and "excludes the paper's 100.00%" in start["why"]
     assert "without BN the network stays near chance" in md
+    # a quick-preset run says near the top that it is a smoke test
+    assert md.index("**Smoke test") < md.index("![Figure 1]") and "--preset cpu" in md
+    assert md.count("(smoke test)**") == len(summary["verdicts"])
     assert "packaged MNIST subset" in md  # the data used is always stated
     html = (run / "report.html").read_text()
     # self-contained: the figure is embedded, nothing is fetched from elsewhere

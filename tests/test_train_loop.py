@@ -10,8 +10,9 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import backend
-from bnlab.experiments.figure1 import Figure1Config
+from bnlab.experiments.figure1 import Config as Figure1Config
 from bnlab.experiments.runner import _train_arm
+from bnlab.lab import EXPERIMENTS
 from bnlab.run_folder import CheckpointError, read_jsonl
 from bnlab.train.loop import TrainJob, make_sgd, train
 
@@ -32,14 +33,18 @@ def test_figure1_records_match_the_pre_refactor_loop(tmp_path):
     # (their parity with torch is tests/test_backend.py's business).
     with backend.using("torch"):
         for arm in ("baseline", "bn"):
-            _train_arm("bnlab.experiments.figure1", arm, cfg, tmp_path, False, 2, False, 0)
+            _train_arm(EXPERIMENTS["figure1"], arm, cfg, tmp_path, False, 2, False, 0)
     new = [r for arm in ("baseline", "bn") for r in read_jsonl(tmp_path / "work" / f"{arm}.jsonl")]
     old = read_jsonl(PIN)
     assert len(new) == len(old) == 10
     for a, b in zip(old, new):
         assert list(a) == list(b)  # same keys, same order
         for key in a:
-            inexact = key == "train_loss" or (a["arm"] == "bn" and isinstance(a[key], list))
+            # Percentiles of float32 sigmoid inputs: BLAS may round the last bit differently
+            # on another CPU (seen: 5e-10 relative on the baseline's step-0 p85).
+            inexact = key in ("train_loss", "p15", "p50", "p85") or (
+                a["arm"] == "bn" and isinstance(a[key], list)
+            )
             if inexact and a[key] is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (
                     a["arm"],

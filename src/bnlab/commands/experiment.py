@@ -1,50 +1,31 @@
-"""`bnlab reproduce NAME` for the experiments beyond the paper's figures.
+"""`bnlab reproduce NAME` for every experiment of the lab (:data:`bnlab.lab.EXPERIMENTS`).
 
-Each such experiment module defines ``Config`` (a dataclass), ``PRESETS``
-(name -> field overrides: ``"quick"`` and ``"full"``) and ``HELP`` (field -> help
-text); its options are derived from them here, so an experiment needs no CLI
-code of its own. Lists are given comma-separated (``--lrs 0.01,0.1``).
-At the end the command prints the module's ``summary_lines(summary)`` if it defines
-one, else the summary's ``"lines"`` (name -> text), one per line, names aligned.
+Each experiment module defines ``Config`` (a dataclass), ``PRESETS`` (``quick``,
+``cpu``, ``gpu``: field overrides) and ``HELP`` (field -> help text); its options are
+derived from them here, so an experiment needs no CLI code of its own. Lists are
+given comma-separated (``--lrs 0.01,0.1``). At the end the command prints the
+module's ``summary_lines(summary)`` if it defines one, else the summary's
+``"lines"`` (name -> text), one per line, names aligned; a module's
+``exit_status(summary)`` turns a result that is not a success (a diverged network)
+into a nonzero status and its message.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import sys
 from pathlib import Path
 
 from bnlab.commands import HelpFormatter, integer
+from bnlab.commands.run import add_run_options, run_from_cli
+from bnlab.data import CIFARDataError, MNISTDataError
+from bnlab.experiments.protocol import DEFAULT_PRESET, config_from
+from bnlab.lab import EXPERIMENTS, Experiment
 
-__all__ = ["EXPERIMENTS", "add_parsers"]
+__all__ = ["add_parsers"]
 
-# subcommand -> (module, one-line help)
-EXPERIMENTS = {
-    "lr-init": (
-        "bnlab.experiments.lr_init",
-        "Section 3.3: learning rates x initial weight scales, with and without BN",
-    ),
-    "shift": (
-        "bnlab.experiments.shift",
-        "Internal covariate shift measured: probes of shift, gradient ICS and smoothness",
-    ),
-    "batch-size": (
-        "bnlab.experiments.batch_size",
-        "BN as the mini-batch shrinks (256 to 2), beside Batch Renorm, ghost BN, LayerNorm "
-        "and GroupNorm",
-    ),
-    "dropout": (
-        "bnlab.experiments.dropout",
-        "Section 3.4: BN with and without dropout against the baseline with and without it",
-    ),
-    "batch-noise": (
-        "bnlab.experiments.batch_noise",
-        "BN's batch-statistics noise against the sampling formulas and the shift it removes",
-    ),
-}
-
-_SKIP = {"data"}  # given as --data with its own help
+_SKIP = {"preset"}  # given as --preset, with the presets' table in the help
 
 
 def _list_of(kind):
@@ -87,42 +68,46 @@ def _option_type(f: dataclasses.Field):
     return str
 
 
-def _add_parser(exps, command: str, module_name: str, summary: str) -> None:
-    from bnlab.commands.run import add_run_options
+def _presets_help(module) -> str:
+    return "\n".join(
+        f"  {name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+        for name, values in module.PRESETS.items()
+    )
 
-    module = importlib.import_module(module_name)
+
+def _add_parser(exps, exp: Experiment) -> None:
+    module = exp.run
     doc = (module.__doc__ or "").strip()
-    p = exps.add_parser(command, help=summary, description=doc, formatter_class=HelpFormatter)
+    p = exps.add_parser(
+        exp.name,
+        help=exp.title,
+        description=f"{doc}\n\npresets (options given override them):\n{_presets_help(module)}",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument(
         "--preset",
         choices=list(module.PRESETS),
-        default="full",
-        help="a named size: quick is a smoke test of a few seconds, full the documented run; "
-        "options given override it",
-    )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="folder with the four MNIST IDX files (see `bnlab data download mnist`); "
-        "default: the packaged 5,000-digit subset",
+        default=DEFAULT_PRESET,
+        help="quick: a smoke test of minutes (its verdicts test nothing); cpu: the "
+        "documented run on 2 CPU cores; gpu: one CUDA device (default: cpu)",
     )
     for f in dataclasses.fields(module.Config):
         if f.name in _SKIP or f.name.isupper():
             continue
-        kind = _option_type(f)
+        default = _default(f)
+        if f.name == "data":
+            kind = Path
+        else:
+            kind = _option_type(f)
         if kind is None:
             continue
-        default = _default(f)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"{module.HELP.get(f.name, f.name)} (default: {shown}, or the preset's)",
-        )
-    add_run_options(p, module_name.rsplit(".", 1)[-1], "cells trained at once (processes)")
-    p.set_defaults(func=_run, module=module_name, command_name=command)
+        text = module.HELP.get(f.name, f.name)
+        if "default" not in text:
+            text += f" (default: {shown}, or the preset's)"
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=text)
+    add_run_options(p, exp.key, "arms trained at once (processes)")
+    p.set_defaults(func=_run, experiment=exp)
 
 
 def _summary_lines(module, summary: dict) -> list[str]:
@@ -134,30 +119,39 @@ def _summary_lines(module, summary: dict) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bnlab.commands.run import run_from_cli
-    from bnlab.data import MNISTDataError
-
-    module = importlib.import_module(args.module)
-    values = dict(module.PRESETS[args.preset])
+    exp: Experiment = args.experiment
+    module = exp.run
+    given = {}
     for f in dataclasses.fields(module.Config):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = str(given) if isinstance(given, Path) else given
-    cfg = module.Config(**values)
-    result = run_from_cli(args.module, cfg, args, (MNISTDataError,))
+        value = getattr(args, f.name, None) if f.name not in _SKIP else None
+        if value is not None:
+            given[f.name] = str(value) if isinstance(value, Path) else value
+    name = f"bnlab reproduce {exp.name}"
+    try:
+        cfg = config_from(module, args.preset, **given)
+    except ValueError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    result = run_from_cli(exp, cfg, args, (MNISTDataError, CIFARDataError))
     if isinstance(result, int):
         return result
     out, summary = result
-    if summary is None:  # a torchrun rank other than 0
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if not args.quiet:
         for line in _summary_lines(module, summary):
             print(line)
-        print(f"report: {out / 'report.html'} (also report.md, summary.json and figures)")
+        files = ", ".join(n for n in exp.report.FILES if n != "report.html")
+        print(f"report: {out / 'report.html'} (also {files})")
+    status = getattr(module, "exit_status", lambda s: None)(summary)
+    if status is not None:
+        code, message = status
+        print(f"{name}: {message}", file=sys.stderr)
+        return code
     return 0
 
 
 def add_parsers(exps) -> None:
-    """Register every experiment of :data:`EXPERIMENTS` under `bnlab reproduce`."""
-    for command, (module_name, summary) in EXPERIMENTS.items():
-        _add_parser(exps, command, module_name, summary)
+    """Register every experiment of :data:`bnlab.lab.EXPERIMENTS` under `bnlab reproduce`."""
+    for exp in EXPERIMENTS.values():
+        _add_parser(exps, exp)

@@ -64,9 +64,10 @@ def _os_error_message(e: OSError, out: Path) -> str:
 
 
 def run_from_cli(
-    module: str, cfg, args: argparse.Namespace, data_errors: tuple = ()
+    exp, cfg, args: argparse.Namespace, data_errors: tuple = ()
 ) -> tuple[Path, dict | None] | int:
-    """Run experiment ``module`` with ``cfg`` and the common options of ``args``.
+    """Run experiment ``exp`` (a :class:`bnlab.lab.Experiment`) with ``cfg`` and the
+    common options of ``args``.
 
     Returns:
         (run folder, summary; None on torchrun ranks other than 0), or the exit
@@ -74,8 +75,8 @@ def run_from_cli(
         a failed worker or peer or a failed write, 128 + the signal's number when
         interrupted (130 for Ctrl-C, 143 for SIGTERM).
     """
-    experiment = module.rsplit(".", 1)[-1]
-    name = f"bnlab reproduce {getattr(args, 'command_name', experiment)}"
+    experiment = exp.key
+    name = f"bnlab reproduce {exp.name}"
     if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(
             f"{name}: error: under torchrun pass --out DIR, so that every process writes "
@@ -95,7 +96,7 @@ def run_from_cli(
     resume = resume_command(getattr(args, "argv", None) or name.split()[1:], out)
     try:
         summary = run_experiment(
-            module,
+            exp,
             cfg,
             out,
             resume=args.resume,

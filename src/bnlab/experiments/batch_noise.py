@@ -52,6 +52,7 @@ from torch.func import functional_call
 
 from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
+    DATA_HELP,
     accuracy,
     check_data,
     config_job,
@@ -82,6 +83,7 @@ __all__ = [
 class Config:
     """One batch-noise run (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None
     steps: int = 10_000
     seeds: int = 3
@@ -96,6 +98,7 @@ class Config:
     device: str = "cpu"
 
     IDENTITY = (
+        "preset",
         "data",
         "steps",
         "seeds",
@@ -110,6 +113,7 @@ class Config:
 
 
 HELP = {
+    "data": DATA_HELP,
     "steps": "training steps per arm",
     "seeds": "independent copies per arm",
     "batch_sizes": "mini-batch sizes m, one arm each (comma-separated)",
@@ -125,7 +129,8 @@ HELP = {
 
 PRESETS = {
     "quick": {"steps": 200, "eval_every": 50, "draws": 30, "population_examples": 2_000},
-    "full": {},
+    "cpu": {},
+    "gpu": {"device": "cuda"},
 }
 
 

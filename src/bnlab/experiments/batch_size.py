@@ -29,6 +29,7 @@ from torch import nn
 
 from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
+    DATA_HELP,
     accuracy,
     check_data,
     config_job,
@@ -52,6 +53,7 @@ REFERENCE_BATCH = 60  # the Figure 1 batch, at which the learning rate is --lr
 class Config:
     """One batch-size sweep (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None
     batch_sizes: list[int] = field(default_factory=lambda: [256, 64, 16, 4, 2])
     norms: list[str] = field(default_factory=lambda: list(NORMS))
@@ -66,6 +68,7 @@ class Config:
     device: str = "cpu"
 
     IDENTITY = (
+        "preset",
         "data",
         "batch_sizes",
         "norms",
@@ -81,6 +84,7 @@ class Config:
 
 
 HELP = {
+    "data": DATA_HELP,
     "batch_sizes": "mini-batch sizes, comma-separated",
     "norms": f"normalizations, comma-separated, of {', '.join(NORMS)}",
     "examples": "training examples every run sees (steps = examples / batch size)",
@@ -96,7 +100,8 @@ HELP = {
 
 PRESETS = {
     "quick": {"batch_sizes": [64, 4], "examples": 2_000, "evals": 2},
-    "full": {},
+    "cpu": {},
+    "gpu": {"device": "cuda"},
 }
 
 

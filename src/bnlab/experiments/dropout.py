@@ -23,6 +23,7 @@ from torch import nn
 
 from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
+    DATA_HELP,
     accuracy,
     check_data,
     config_job,
@@ -43,6 +44,7 @@ ARMS = ("none", "none+dropout", "bn", "bn+dropout")
 class Config:
     """One dropout run (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None
     steps: int = 10_000
     seeds: int = 3
@@ -57,6 +59,7 @@ class Config:
     device: str = "cpu"
 
     IDENTITY = (
+        "preset",
         "data",
         "steps",
         "seeds",
@@ -71,6 +74,7 @@ class Config:
 
 
 HELP = {
+    "data": DATA_HELP,
     "steps": "training steps per arm",
     "seeds": "independent copies per arm",
     "dropout": "dropout probability after each hidden sigmoid in the dropout arms",
@@ -84,7 +88,7 @@ HELP = {
     "device": "cpu or cuda",
 }
 
-PRESETS = {"quick": {"steps": 300, "eval_every": 100}, "full": {}}
+PRESETS = {"quick": {"steps": 300, "eval_every": 100}, "cpu": {}, "gpu": {"device": "cuda"}}
 
 
 def validate(cfg: Config) -> None:

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import config_job, load_arrays
-from bnlab.experiments.runner import run_experiment
+from bnlab.experiments.mnist import DATA_HELP, config_job, load_arrays
 from bnlab.insert import format_summary, insert_batchnorm, insertion_summary
 from bnlab.models import mnist_mlp
 from bnlab.stats.population import recompute_population_stats
@@ -35,24 +34,24 @@ from bnlab.train.loop import TrainJob, evaluation
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
+    "HELP",
+    "PRESETS",
     "BatchSchedule",
-    "Figure1Config",
+    "Config",
     "build_arm_model",
-    "run_figure1",
     "validate",
 ]
 
 ARMS = ("baseline", "bn")
-FULL_STEPS = 50_000
-PACKAGED_STEPS = 30_000
 
 
 @dataclass
-class Figure1Config:
+class Config:
     """Resolved configuration of one Figure 1 run (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None  # folder with the MNIST IDX files; None: packaged 5k subset
-    steps: int = FULL_STEPS  # training steps per arm (paper: 50,000)
+    steps: int = 30_000  # training steps per arm (paper: 50,000; the gpu preset)
     seeds: int = 3  # independent runs per arm (seeds 0..seeds-1)
     batch_size: int = 60  # paper: 60
     lr: float = 0.01  # SGD learning rate (unstated in the paper)
@@ -68,6 +67,7 @@ class Figure1Config:
 
     # Keys that define the experiment: a run directory only resumes the same ones.
     IDENTITY = (
+        "preset",
         "data",
         "steps",
         "seeds",
@@ -83,9 +83,37 @@ class Figure1Config:
     )
 
 
-def validate(cfg: Figure1Config) -> None:
+HELP = {
+    "data": DATA_HELP,
+    "steps": "training steps per arm (the paper: 50,000)",
+    "seeds": "independent runs per arm",
+    "batch_size": "mini-batch size (the paper: 60; at least 2 for BN)",
+    "lr": "SGD learning rate (unstated in the paper)",
+    "momentum": "SGD momentum (unstated in the paper)",
+    "init_std": "std of the Gaussian initial weights",
+    "eval_every": "steps between test-set evaluations",
+    "checkpoint_every": "steps between checkpoints (taken at the next evaluation)",
+    "unit": "index of the last-hidden-layer sigmoid tracked in Figure 1(b, c)",
+    "population_batches": "training batches for the final population statistics (Alg. 2)",
+    "thresholds": "test accuracies whose first step is reported, comma-separated",
+    "device": "cpu or cuda",
+    "bn_stats": "under torchrun: BN statistics of the global batch (sync: SyncBatchNorm) "
+    "or of each process's slice (ghost)",
+}
+
+# quick: a smoke test (BN's lead is visible: without BN the network sits at chance for
+# thousands of steps); cpu: 30,000 steps x 3 seeds on 2 cores; gpu: the paper's 50,000.
+PRESETS = {
+    "quick": {"steps": 2_000, "seeds": 2, "eval_every": 200, "checkpoint_every": 1_000},
+    "cpu": {},
+    "gpu": {"steps": 50_000, "device": "cuda"},
+}
+
+
+def validate(cfg: Config) -> None:
     """Reject invalid options up front with one clear message (ValueError)."""
     checks = [
+        (cfg.preset in PRESETS, f"--preset must be one of {list(PRESETS)}, got {cfg.preset!r}"),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
         (cfg.seeds >= 1, f"--seeds must be at least 1, got {cfg.seeds}"),
         (
@@ -147,13 +175,13 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, unit: int, seeds: int) -> 
     }
 
 
-def build_arm_model(arm: str, cfg: Figure1Config) -> nn.Module:
+def build_arm_model(arm: str, cfg: Config) -> nn.Module:
     """The baseline network for all seeds, or its BN version (Algorithm 2, steps 1-2)."""
     model = mnist_mlp(seeds=list(range(cfg.seeds)), init_std=cfg.init_std)
     return insert_batchnorm(model) if arm == "bn" else model
 
 
-def build_job(arm: str, cfg: Figure1Config, info: DistInfo, work: Path) -> TrainJob:
+def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     """One arm as a job for the shared loop: every seed trains as a copy in one model."""
     arrays = load_arrays(cfg.data, cfg.batch_size, cfg.seeds, cfg.device, info)
     dev, x_train = arrays.device, arrays.x_train
@@ -181,15 +209,16 @@ def build_job(arm: str, cfg: Figure1Config, info: DistInfo, work: Path) -> Train
 # ---------------------------------------------------------------- the whole run
 
 
-def check_data(cfg: Figure1Config) -> None:
+def check_data(cfg: Config) -> None:
     """Fail fast, before any output, on missing or corrupt MNIST files."""
     if cfg.data is not None:
         load_mnist_dir(cfg.data)
 
 
-def describe(cfg: Figure1Config) -> list[str]:
+def describe(cfg: Config) -> list[str]:
     lines = [
-        f"figure1: {cfg.seeds} seed(s) x {len(ARMS)} arms x {cfg.steps} steps",
+        f"figure1 ({cfg.preset} preset): {cfg.seeds} seed(s) x {len(ARMS)} arms x "
+        f"{cfg.steps} steps",
         "BN arm: " + format_summary(insertion_summary(build_arm_model("bn", cfg))),
     ]
     if cfg.seeds > 1:
@@ -199,26 +228,26 @@ def describe(cfg: Figure1Config) -> list[str]:
     return lines
 
 
-def arms(cfg: Figure1Config) -> tuple[str, ...]:
+def arms(cfg: Config) -> tuple[str, ...]:
     return ARMS
 
 
-def run_figure1(
-    cfg: Figure1Config,
-    out: Path,
-    resume: bool = False,
-    workers: int = 2,
-    progress: bool = True,
-    log=print,
-    timeout: float = 300.0,
-) -> dict | None:
-    """Run (or resume) the Figure 1 experiment in ``out`` and build its report.
+def summary_lines(summary: dict) -> list[str]:
+    """What `bnlab reproduce figure1` prints at the end."""
+    base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
+    f = lambda d: f"{100 * d['mean']:.2f}% ± {100 * d['std']:.2f} (n={d['n']})"  # noqa: E731
+    lines = [
+        f"final test accuracy: without BN {f(base['final_test_acc'])}, "
+        f"with BN {f(bn['final_test_acc'])}"
+    ]
+    if "final_test_acc_population_stats" in bn:
+        lines.append(f"with BN, population statistics: {f(bn['final_test_acc_population_stats'])}")
+    return lines
 
-    Launched under ``torchrun`` with several processes, the arms train one after
-    the other, each data-parallel over all processes (DDP with SyncBatchNorm);
-    rank 0 writes every file. Otherwise the two arms run in ``workers`` processes.
 
-    Returns:
-        The summary (as written to ``out/summary.json``); None on ranks other than 0.
-    """
-    return run_experiment(__name__, cfg, out, resume, workers, progress, log, timeout)
+def exit_status(summary: dict) -> tuple[int, str] | None:
+    """A diverged arm is a result to report, but not a successful run: status 3."""
+    if summary.get("diverged"):
+        what = "; ".join(f"{arm}: {text}" for arm, text in summary["diverged"].items())
+        return 3, f"diverged ({what}); lower --lr"
+    return None

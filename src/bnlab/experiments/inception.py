@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +46,18 @@ from bnlab.data import load_cifar10, load_packaged_mnist
 from bnlab.data.augment import photometric, random_crop_flip
 from bnlab.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, ImageData
 from bnlab.distributed import DistInfo
+from bnlab.experiments.protocol import DEFAULT_PRESET, config_from
 from bnlab.insert import insert_batchnorm
 from bnlab.models.inception import count_parameters, inception_net
 from bnlab.train.loop import TrainJob, evaluation, make_sgd
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
+    "HELP",
     "MAIN",
     "NETWORKS",
     "PRESETS",
-    "InceptionConfig",
+    "Config",
     "NetworkSpec",
     "build_network",
     "ensemble_metrics",
@@ -108,64 +111,29 @@ AUGMENT = {  # (crop padding, horizontal flip, photometric strength)
     "light": (2, True, 0.0),
 }
 
-# Presets: what each one sets (every value can be overridden on the command line).
-PRESETS: dict[str, dict] = {
-    "quick": dict(
-        data=None,
-        width=4,
-        depth=1,
-        batch_size=32,
-        steps=300,
-        seeds=2,
-        control_seeds=1,
-        eval_every=50,
-        eval_examples=1000,
-    ),
-    "cpu": dict(
-        data="data/cifar10",
-        width=8,
-        depth=1,
-        batch_size=32,
-        steps=6000,
-        seeds=2,
-        control_seeds=1,
-        eval_every=500,
-        eval_examples=2_000,
-    ),
-    "gpu": dict(
-        data="data/cifar10",
-        width=24,
-        depth=2,
-        batch_size=32,
-        steps=80_000,
-        seeds=3,
-        control_seeds=1,
-        eval_every=2_000,
-        eval_examples=10_000,
-        device="cuda",
-    ),
-}
-
 
 @dataclass
-class InceptionConfig:
-    """Resolved configuration of one Section 4.2 run (saved as config.json)."""
+class Config:
+    """Resolved configuration of one Section 4.2 run (saved as config.json).
 
-    preset: str = "quick"  # quick (offline), cpu (CIFAR-10, 2 cores), gpu
-    data: str | None = None  # CIFAR-10 folder/archive; None: packaged digits (quick)
+    The defaults are the cpu preset's: CIFAR-10 on 2 CPU cores.
+    """
+
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
+    data: str | None = "data/cifar10"  # CIFAR-10 folder/archive; None: packaged digits
     networks: list[str] = field(default_factory=lambda: list(NETWORKS))
-    steps: int = 300  # training steps of every network
+    steps: int = 6_000  # training steps of every network
     seeds: int = 2  # copies of each of the five main networks
     control_seeds: int = 1  # copies of each control and of each ensemble variant
     batch_size: int = 32  # paper: 32
-    width: int = 4  # Inception width (see bnlab.models.inception_net)
+    width: int = 8  # Inception width (see bnlab.models.inception_net)
     depth: int = 1  # Inception modules per stage
     base_lr: float = 0.02  # inception's initial learning rate (a search on CIFAR-10 chose it)
     momentum: float = 0.9
     weight_decay: float = 5e-4  # inception's L2; bn-x5 and later use it / 5
     decay: float = 0.5  # inception's learning rate falls by this factor over the run
-    eval_every: int = 50
-    eval_examples: int = 10_000  # test images per evaluation (the final one uses all)
+    eval_every: int = 500
+    eval_examples: int = 2_000  # test images per evaluation (the final one uses all)
     checkpoint_every: int = 1000
     divergence_bound: float = 1e4  # mean loss above this (or non-finite) is divergence
     device: str = "cpu"
@@ -194,7 +162,45 @@ class InceptionConfig:
         return self.seeds if network in MAIN else self.control_seeds
 
 
-def validate(cfg: InceptionConfig) -> None:
+# What each preset changes from the defaults (the cpu preset's); every value can be
+# overridden on the command line. quick: offline (packaged digits as colour images),
+# minutes, a smoke test; cpu: CIFAR-10 on 2 CPU cores; gpu: CIFAR-10 on one CUDA device.
+PRESETS: dict[str, dict] = {
+    "quick": dict(
+        data=None, width=4, steps=200, eval_every=100, eval_examples=500, checkpoint_every=1000
+    ),
+    "cpu": {},
+    "gpu": dict(
+        width=24, depth=2, steps=80_000, seeds=3, eval_every=2_000, eval_examples=10_000,
+        device="cuda",
+    ),
+}  # fmt: skip
+
+HELP = {
+    "data": "CIFAR-10: the cifar-10-batches-py folder, its parent, or the folder holding "
+    "cifar-10-python.tar.gz (see `bnlab data download cifar10`); the quick preset uses "
+    "digits that ship with the package",
+    "networks": "comma-separated subset of the networks: " + ", ".join(NETWORKS),
+    "steps": "training steps of every network",
+    "seeds": "seeds of each main network",
+    "control_seeds": "seeds of the controls and ensemble variants",
+    "batch_size": "mini-batch size (the paper: 32)",
+    "width": "Inception width",
+    "depth": "Inception modules per stage",
+    "base_lr": "inception's learning rate (the BN variants scale it)",
+    "momentum": "SGD momentum",
+    "weight_decay": "inception's L2 weight decay (bn-x5 and later use it / 5)",
+    "decay": "inception's learning rate falls by this factor over the run",
+    "eval_every": "steps between evaluations",
+    "eval_examples": "test images per evaluation during training (the final one uses all)",
+    "checkpoint_every": "steps between checkpoints",
+    "divergence_bound": "a mean loss above this (or non-finite) is divergence",
+    "device": "cpu or cuda",
+    "bn_stats": "under torchrun: BN statistics of the global batch (sync) or per process (ghost)",
+}
+
+
+def validate(cfg: Config) -> None:
     """Reject invalid options up front with one clear message (ValueError)."""
     unknown = [n for n in cfg.networks if n not in NETWORKS]
     finite = all(math.isfinite(v) for v in (cfg.base_lr, cfg.weight_decay, cfg.decay))
@@ -257,7 +263,7 @@ def packaged_digits() -> ImageData:
     )
 
 
-def load_data(cfg: InceptionConfig) -> ImageData:
+def load_data(cfg: Config) -> ImageData:
     return packaged_digits() if cfg.data is None else load_cifar10(cfg.data)
 
 
@@ -272,7 +278,7 @@ def _channel_stats(data: ImageData) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- one network
 
 
-def build_network(name: str, cfg: InceptionConfig) -> nn.Module:
+def build_network(name: str, cfg: Config) -> nn.Module:
     """Network ``name`` for all its seeds; BN networks through Algorithm 2, steps 1-2."""
     spec = NETWORKS[name]
     seeds = list(range(cfg.copies(name)))
@@ -292,7 +298,7 @@ def build_network(name: str, cfg: InceptionConfig) -> nn.Module:
         return insert_batchnorm(net)
 
 
-def settings(name: str, cfg: InceptionConfig) -> dict:
+def settings(name: str, cfg: Config) -> dict:
     """The resolved training settings of one network (what the report prints)."""
     spec = NETWORKS[name]
     pad, flip, photo = AUGMENT[spec.augment]
@@ -321,7 +327,7 @@ def _logits_per_copy(model: nn.Module, x: Tensor, copies: int, chunk: int = 128)
     return torch.cat(outs).permute(1, 0, 2)
 
 
-def build_job(name: str, cfg: InceptionConfig, info: DistInfo, work: Path) -> TrainJob:
+def build_job(name: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
     """One network, every seed a copy in one module, as a job for the shared loop."""
     spec = NETWORKS[name]
     copies = cfg.copies(name)
@@ -418,7 +424,7 @@ def ensemble_metrics(member_probs: list[Tensor], y: Tensor) -> dict:
     }
 
 
-def after_training(cfg: InceptionConfig, out: Path, records: list[dict]) -> list[dict]:
+def after_training(cfg: Config, out: Path, records: list[dict]) -> list[dict]:
     """Each network's settings, and the ensemble record from the saved test
     probabilities of bn-x30 and its variants."""
     data = load_data(cfg)
@@ -429,7 +435,7 @@ def after_training(cfg: InceptionConfig, out: Path, records: list[dict]) -> list
     return extra + _ensemble(cfg, out, records, data.y_test)
 
 
-def _ensemble(cfg: InceptionConfig, out: Path, records: list[dict], y: Tensor) -> list[dict]:
+def _ensemble(cfg: Config, out: Path, records: list[dict], y: Tensor) -> list[dict]:
     names = [n for n in (ENSEMBLE_BASE, *ENSEMBLE_VARIANTS) if n in cfg.networks]
     diverged = {(r["arm"], k) for r in records if r.get("kind") == "diverged" for k in r["copies"]}
     members, labels = [], []
@@ -444,19 +450,21 @@ def _ensemble(cfg: InceptionConfig, out: Path, records: list[dict], y: Tensor) -
                 labels.append(f"{name}/seed{k}")
     if len(members) < 2:
         return []
-    return [{"kind": "ensemble", "members": labels, **ensemble_metrics(members, y)}]
+    return [
+        {"kind": "ensemble", "members": labels, "examples": len(y), **ensemble_metrics(members, y)}
+    ]
 
 
 # ---------------------------------------------------------------- the whole run
 
 
-def check_data(cfg: InceptionConfig) -> None:
+def check_data(cfg: Config) -> None:
     """Fail fast, before any output, on missing or corrupt CIFAR-10 files."""
     if cfg.data is not None:
         load_cifar10(cfg.data)
 
 
-def describe(cfg: InceptionConfig) -> list[str]:
+def describe(cfg: Config) -> list[str]:
     net = build_network("bn-baseline", dataclasses.replace(cfg, seeds=1, control_seeds=1))
     lines = [
         f"inception ({cfg.preset} preset): {len(cfg.networks)} networks x {cfg.steps} steps, "
@@ -470,13 +478,41 @@ def describe(cfg: InceptionConfig) -> list[str]:
     return lines
 
 
-def arms(cfg: InceptionConfig) -> list[str]:
+def arms(cfg: Config) -> list[str]:
     return list(cfg.networks)
 
 
-def config_for(preset: str, **overrides) -> InceptionConfig:
+def config_for(preset: str = DEFAULT_PRESET, **overrides) -> Config:
     """The config of a preset, with any option overridden (None values are ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return InceptionConfig(preset=preset, **values)
+    return config_from(sys.modules[__name__], preset, **overrides)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What `bnlab reproduce inception` prints at the end."""
+    lines = []
+    for net, s in summary["networks"].items():
+        line = f"{net:>18}: best test accuracy {s['best_text']}"
+        if s.get("diverged"):
+            line += f"; diverged ({s['diverged']})"
+        lines.append(line)
+    if summary.get("ensemble"):
+        e = summary["ensemble"]
+        lines.append(
+            f"{'ensemble':>18}: top-1 error {100 * (1 - e['ensemble_top1']):.2f}%, "
+            f"top-5 error {100 * (1 - e['ensemble_top5']):.2f}% ({len(e['members'])} members)"
+        )
+    return lines
+
+
+def exit_status(summary: dict) -> tuple[int, str] | None:
+    """A network that diverged though the paper's does not: status 3."""
+    unexpected = [
+        n
+        for n, s in summary["networks"].items()
+        if s.get("diverged") and not NETWORKS[n].may_diverge
+    ]
+    if unexpected:
+        return 3, (
+            f"{', '.join(unexpected)} diverged (see the report); lower --base-lr, or check the data"
+        )
+    return None

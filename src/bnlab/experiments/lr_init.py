@@ -30,6 +30,7 @@ from torch import nn
 
 from bnlab.distributed import DistInfo
 from bnlab.experiments.mnist import (
+    DATA_HELP,
     accuracy,
     check_data,
     config_job,
@@ -50,6 +51,7 @@ NORMS = ("none", "bn")
 class Config:
     """One learning-rate x initialization grid run (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None  # MNIST IDX folder; None: the packaged 5,000-digit subset
     lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     inits: list = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, "glorot"])
@@ -64,6 +66,7 @@ class Config:
     device: str = "cpu"
 
     IDENTITY = (
+        "preset",
         "data",
         "lrs",
         "inits",
@@ -78,6 +81,7 @@ class Config:
 
 
 HELP = {
+    "data": DATA_HELP,
     "lrs": "SGD learning rates of the grid, comma-separated",
     "inits": "initial weight scales s of N(0, s^2), comma-separated; 'glorot' for Glorot normal",
     "steps": "training steps per cell",
@@ -93,8 +97,9 @@ HELP = {
 }
 
 PRESETS = {
-    "quick": {"lrs": [0.01, 1.0], "inits": [0.01, "glorot"], "steps": 300, "eval_every": 100},
-    "full": {},
+    "quick": {"lrs": [0.01, 1.0], "inits": [0.01, "glorot"], "steps": 800, "eval_every": 200},
+    "cpu": {},
+    "gpu": {"device": "cuda"},
 }
 
 

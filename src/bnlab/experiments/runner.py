@@ -1,8 +1,8 @@
 """Run an experiment's arms and build its report: the run folder every experiment shares.
 
-An experiment is a module (``bnlab.experiments.figure1``), named in run folders
-by its last component (``"figure1"``). It defines a config dataclass (with
-``IDENTITY``, the keys a run folder may only be resumed with) and the functions:
+An experiment is a :class:`bnlab.lab.Experiment` record: its ``key`` names it in
+run folders, its ``run`` module defines a config dataclass (with ``IDENTITY``, the
+keys a run folder may only be resumed with) and the functions:
 
 - ``validate(cfg)``: raise ValueError with one clear message for bad options;
 - ``check_data(cfg)``: fail fast, before any output, on missing/corrupt data;
@@ -10,12 +10,13 @@ by its last component (``"figure1"``). It defines a config dataclass (with
 - ``describe(cfg)``: start-up lines for the log;
 - ``build_job(arm, cfg, info, work)``: a :class:`bnlab.train.loop.TrainJob`;
 - optionally ``after_training(cfg, out, records) -> list[dict]``: records
-  computed from every arm's outputs (an ensemble, say).
+  computed from every arm's outputs (an ensemble, say);
 
-:func:`run_experiment` then checks the output folder, writes ``config.json``
-and ``env.json``, trains the arms (in parallel worker processes, or one after
-the other data-parallel under ``torchrun``), merges ``work/<arm>.jsonl`` into
-``metrics.jsonl`` and builds the report from those records alone.
+and its ``report`` module builds the report (``build_report(run_dir)``).
+:func:`run_experiment` then checks and locks the output folder, writes
+``config.json`` and ``env.json``, trains the arms (in parallel worker processes, or
+one after the other data-parallel under ``torchrun``), merges ``work/<arm>.jsonl``
+into ``metrics.jsonl`` and builds the report from those records alone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import importlib
 import json
 import multiprocessing as mp
 import os
@@ -214,7 +214,7 @@ def _set_up_out_dir(exp, name: str, cfg, out: Path, identity: dict, resume: bool
         write_json(out / "env.json", env_info())
     work = out / "work"
     work.mkdir(exist_ok=True)
-    for arm in exp.arms(cfg):  # every start, resumes included, begins clean
+    for arm in exp.run.arms(cfg):  # every start, resumes included, begins clean
         (work / f"{arm}.error").unlink(missing_ok=True)
     return resuming
 
@@ -229,16 +229,11 @@ def _check_writable(out: Path) -> None:
         )
 
 
-def _experiment(module: str):
-    return importlib.import_module(module)
-
-
-def _train_arm(module, arm, cfg, out, resume, threads, progress, position, info=None):
+def _train_arm(exp, arm, cfg, out, resume, threads, progress, position, info=None):
     torch.set_num_threads(threads)
     info = info or DistInfo()
-    exp = _experiment(module)
     work = out / "work"
-    job = exp.build_job(arm, cfg, info, work)
+    job = exp.run.build_job(arm, cfg, info, work)
     train(
         job,
         work,
@@ -251,10 +246,10 @@ def _train_arm(module, arm, cfg, out, resume, threads, progress, position, info=
     )
 
 
-def _worker(module, arm, cfg, out, resume, threads, progress, position):
+def _worker(exp, arm, cfg, out, resume, threads, progress, position):
     _quiet_semaphore_tracker()
     try:
-        _train_arm(module, arm, cfg, out, resume, threads, progress, position)
+        _train_arm(exp, arm, cfg, out, resume, threads, progress, position)
     except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent reports it once
         raise SystemExit(130) from None
     except BaseException as e:
@@ -269,7 +264,7 @@ def _worker(module, arm, cfg, out, resume, threads, progress, position):
         raise SystemExit(1) from e
 
 
-def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> None:
+def _run_pool(exp, arms, cfg, out, resume, workers, threads, progress) -> None:
     """Train ``arms`` in at most ``workers`` processes at a time; raise if any failed."""
     ctx = mp.get_context("spawn")
     pending = list(arms)
@@ -282,7 +277,7 @@ def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> Non
                     arm = pending.pop(0)
                     p = ctx.Process(
                         target=_worker,
-                        args=(module, arm, cfg, out, resume, threads, progress, slot),
+                        args=(exp, arm, cfg, out, resume, threads, progress, slot),
                     )
                     p.start()
                     running[slot] = (arm, p)
@@ -326,7 +321,7 @@ def _run_pool(module, arms, cfg, out, resume, workers, threads, progress) -> Non
 
 
 def run_experiment(
-    module: str,
+    exp,
     cfg,
     out: Path,
     resume: bool = False,
@@ -338,8 +333,8 @@ def run_experiment(
     """Run (or resume) an experiment in ``out`` and build its report.
 
     Args:
-        module: the experiment module (``"bnlab.experiments.figure1"``); its last
-            component names the experiment in config.json.
+        exp: the :class:`bnlab.lab.Experiment` (``bnlab.lab.EXPERIMENTS["figure1"]``);
+            its ``key`` names the experiment in config.json.
         cfg: its config dataclass.
         out: the run folder.
         resume: continue the run in ``out`` from its checkpoints.
@@ -351,23 +346,21 @@ def run_experiment(
     Returns:
         The summary (as written to ``out/summary.json``); None on ranks other than 0.
     """
-    from bnlab.report import build_report
-
-    exp, name = _experiment(module), module.rsplit(".", 1)[-1]
+    name = exp.key
     info = init_distributed(timeout=timeout)  # a single process unless torchrun started us
     # The main process holds the run folder's lock until the report is written.
     with _sigterm_interrupts(), contextlib.ExitStack() as hold:
         try:
             main, world = info.is_main, info.world_size
-            exp.validate(cfg)
-            exp.check_data(cfg)
+            exp.run.validate(cfg)
+            exp.run.check_data(cfg)
             out = Path(out)
             identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.IDENTITY}
             resuming = decided_on_main(
                 lambda: _locked_set_up(exp, name, cfg, out, identity, resume, hold), info
             )
             work = out / "work"
-            arms = exp.arms(cfg)
+            arms = exp.run.arms(cfg)
             cores = os.cpu_count() or 1
             device = getattr(cfg, "device", "cpu")
             workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
@@ -388,26 +381,26 @@ def run_experiment(
                 else:
                     how = f"{workers} worker(s)"
                 log(f"{name}: {len(arms)} arms, {how} x {threads} thread(s), output in {out}")
-                for line in exp.describe(cfg):
+                for line in exp.run.describe(cfg):
                     log(line)
             t0 = time.perf_counter()
             if workers == 1:
                 for i, arm in enumerate(arms):
-                    _train_arm(module, arm, cfg, out, resuming, threads, progress, i, info)
+                    _train_arm(exp, arm, cfg, out, resuming, threads, progress, i, info)
             else:
-                _run_pool(module, arms, cfg, out, resuming, workers, threads, progress)
+                _run_pool(exp, arms, cfg, out, resuming, workers, threads, progress)
             elapsed = time.perf_counter() - t0
             if not main:
                 return None
             records = [r for arm in arms for r in read_jsonl(work / f"{arm}.jsonl")]
-            after = getattr(exp, "after_training", None)
+            after = getattr(exp.run, "after_training", None)
             if after is not None:
                 records += after(cfg, out, records)
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             env = read_json(out / "env.json")
             env["train_seconds_last_session"] = round(elapsed, 1)
             write_json(out / "env.json", env)
-            return build_report(out)
+            return exp.report.build_report(out)
         finally:
             # Leave no process group behind: gloo's threads alive at interpreter exit can
             # abort the process ("terminate called without an active exception"). DDP's

@@ -18,7 +18,11 @@ Probes at step t, on that step's batch, never changing the training trajectory:
   distance and Gaussian KL, on a fixed set of training images;
 - gradient-based ICS of each linear layer (Santurkar's ||G - G'||, cos(G, G'));
 - smoothness along the gradient: loss range, gradient predictiveness and
-  effective beta-smoothness for step sizes in [1/2, 4] x the learning rate.
+  effective beta-smoothness for step sizes in [1/2, 4] x the learning rate;
+- (MNIST network) the singular values of the Jacobians between consecutive BN
+  inputs (sigmoid inputs without BN), in units of each point's standard deviation:
+  Section 3.3 conjectures BN keeps them close to 1
+  (:func:`bnlab.probes.jacobian_singular_values`).
 
 The small Inception of Section 4.2 (``bnlab reproduce inception``'s networks
 ``inception`` and ``bn-baseline``, the quick preset's size and its offline data:
@@ -44,6 +48,7 @@ from bnlab import probes
 from bnlab.distributed import DistInfo
 from bnlab.experiments import inception
 from bnlab.experiments.mnist import (
+    DATA_HELP,
     accuracy,
     check_data,
     config_job,
@@ -65,6 +70,7 @@ INCEPTION_ARMS = {"inception-none": "inception", "inception-bn": "bn-baseline"} 
 class Config:
     """One shift run (saved as config.json)."""
 
+    preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = None
     steps: int = 10_000
     seeds: int = 3
@@ -80,6 +86,7 @@ class Config:
     device: str = "cpu"
 
     IDENTITY = (
+        "preset",
         "data",
         "networks",
         "inception_steps",
@@ -95,6 +102,7 @@ class Config:
 
 
 HELP = {
+    "data": DATA_HELP,
     "steps": "training steps per arm",
     "seeds": "independent copies per arm",
     "init": "initial weights: 'glorot', or a number s for N(0, s^2)",
@@ -111,7 +119,8 @@ HELP = {
 
 PRESETS = {
     "quick": {"steps": 200, "eval_every": 100, "probe_examples": 200, "inception_steps": 100},
-    "full": {},
+    "cpu": {},
+    "gpu": {"device": "cuda"},
 }
 
 
@@ -201,7 +210,7 @@ def build_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJob:
         return {"test_acc": accuracy(m, arrays.x_test, arrays.y_test, cfg.seeds)}
 
     job = config_job(cfg, arm, model, arrays, evaluate=evaluate)
-    job.probe = _probe(job, x_probe, nn.Sigmoid)
+    job.probe = _probe(job, x_probe, nn.Sigmoid, jacobians=True)
     return job
 
 
@@ -221,13 +230,14 @@ def _inception_job(arm: str, cfg: Config, info: DistInfo, work: Path) -> TrainJo
     job = inception.build_job(network, icfg, info, work)
     job.name, job.finalize = arm, None  # its own records; no ensemble here
     x_probe = job.batch(0, slice(None))[0]
-    job.probe = _probe(job, x_probe, nn.ReLU)
+    job.probe = _probe(job, x_probe, nn.ReLU, jacobians=False)  # (N, C, H, W): too large
     return job
 
 
-def _probe(job: TrainJob, x_probe: Tensor, nonlinearity: type[nn.Module]):
+def _probe(job: TrainJob, x_probe: Tensor, nonlinearity: type[nn.Module], jacobians: bool):
     """The probe of every evaluation: the per-step shift of the inputs of every
-    ``nonlinearity`` module on ``x_probe``, gradient ICS and smoothness on the step's batch."""
+    ``nonlinearity`` module on ``x_probe``, gradient ICS and smoothness on the step's
+    batch, and (``jacobians``) the singular values of the layer Jacobians on ``x_probe``."""
 
     def mean_loss(out: Tensor, y: Tensor) -> Tensor:  # per copy, as the optimizer sees it
         return job.loss(out, y) / job.batch_size
@@ -246,10 +256,13 @@ def _probe(job: TrainJob, x_probe: Tensor, nonlinearity: type[nn.Module]):
             mean_loss(m2(batch[0]), batch[1]).sum().backward()
             opt2.step()
         after = probes.activation_snapshot(m2, x_probe, layers, copies, seed=2 * step + 1)
-        return {
+        fields = {
             "shift": probes.distribution_shift(before, after),
             "ics": probes.gradient_ics(m, mean_loss, batch, job.optimizer, copies),
             "smoothness": probes.smoothness(m, mean_loss, batch, lr, copies=copies),
         }
+        if jacobians:  # Section 3.3's conjecture: between BN inputs (or sigmoid inputs)
+            fields["jacobian"] = probes.jacobian_singular_values(m, x_probe, copies=copies)
+        return fields
 
     return probe

@@ -27,14 +27,22 @@ from bnlab.report.render import (
     markdown_table,
     report_from_records,
     save_figure,
+    smoke_banner,
     subplots,
+    verdict_table,
 )
 from bnlab.report.stats import (
+    Verdict,
+    combine,
     diverged_copies,
     eval_curves,
     fmt_diverged,
+    fmt_num,
+    fmt_pct,
+    geometric_ci,
+    judge,
     mean_std_ci,
-    verdict,
+    run_context,
 )
 
 __all__ = ["FILES", "build_report", "interval_shift", "summarize"]
@@ -156,7 +164,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             # the last evaluation whose interval shift exceeded the noise (None: none did)
             "interval_shift_exceeds_noise_until": max(below) if below else None,
             "layers": layers,
-            "final_test_acc": mean_std_ci(list(c["test_acc"][-1])),
+            "final_test_acc": mean_std_ci(list(c["test_acc"][-1]), bounds=(0, 1)),
             "diverged": fmt_diverged(diverged_copies(records, arm)),
             "steps_completed": int(c["steps"][-1]),
         }
@@ -174,6 +182,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             + ", ".join(f"{d['noise_per_interval_shift']['mean']:.3g}" for d in ls)
             + " (BN layers 1..L)"
         )
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
     return out
 
 
@@ -263,8 +272,8 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _fmt(d: dict, digits: str = ".3g") -> str:
-    return f"{d['mean']:{digits}} ± {d['std']:{digits}}"
+def _fmt(d: dict) -> str:
+    return fmt_num(d)
 
 
 def _by_layer(summary: dict, key: str) -> str:
@@ -275,9 +284,14 @@ def _by_layer(summary: dict, key: str) -> str:
     return "; ".join(parts)
 
 
-def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts (the review's objection, beyond the paper's own claims),
+    decided by ``stats.judge`` per arm and BN layer on the seeds' levels (geometric
+    intervals: the ratios span orders of magnitude) and combined: every layer must hold."""
     lo, hi = FORMULA_BAND
     arms = list(summary["arms"].values())
+    steps = max((a["steps_completed"] for a in arms), default=None)
+    context = run_context(config, steps=steps)
     ratios = [
         (a["batch_size"], name, key, d[key]["mean"])
         for a in arms
@@ -301,19 +315,31 @@ def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
         f"{_by_layer(summary, 'ratio_mu')}; Var(sigma2_B): {_by_layer(summary, 'ratio_var')}. "
         f"Agreement means within {lo}-{hi} x everywhere." + why
     )
+    parts = [
+        judge(
+            f"m={a['batch_size']}, {name}, {key}",
+            geometric_ci(d[key]["values"]),
+            context=context,
+            null=1.0,
+            band=FORMULA_BAND,
+            unit="x",
+        )
+        for a in arms
+        for name, d in a["layers"].items()
+        for key in ("ratio_mu", "ratio_var")
+    ]
     rows = [
-        (
+        combine(
             "The batch statistics' noise follows the sampling formulas: Var(mu_B) = sigma²/m, "
             "Var(sigma2_B) ≈ (mu_4 − sigma⁴)/m",
-            verdict(not off, formula_text),
+            parts,
+            result=formula_text,
         )
     ]
     for key, what in (
         ("step", "per training step"),
         ("interval", f"over one evaluation interval ({config['eval_every']:,} steps)"),
     ):
-        values = [d[f"noise_per_{key}_shift"]["mean"] for a in arms for d in a["layers"].values()]
-        finite = [v for v in values if np.isfinite(v)]
         text = (
             f"noise / removed shift (median over evaluations, mean over seeds; BN layers 1..L): "
             f"{_by_layer(summary, f'noise_per_{key}_shift')}; small means below 1 in every layer"
@@ -332,12 +358,24 @@ def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
                 "; the shift exceeded the noise (geometric mean over layers, mean over seeds) "
                 f"last at the evaluation of (out of {config['steps']:,} steps) " + ", ".join(until)
             )
+        parts = [
+            judge(
+                f"m={a['batch_size']}, {name}",
+                geometric_ci(d[f"noise_per_{key}_shift"]["values"]),
+                context=context,
+                null=1.0,
+                higher_is_better=False,
+                unit="x",
+                missing="no finite ratio (no shift measured); train longer (--steps)",
+            )
+            for a in arms
+            for name, d in a["layers"].items()
+        ]
         rows.append(
-            (
+            combine(
                 f"The noise BN adds is small compared with the shift it removes, {what}",
-                verdict(bool(finite) and len(finite) == len(values) and max(finite) < 1, text)
-                if finite
-                else f"not tested: no finite ratio ({text})",
+                parts,
+                result=text,
             )
         )
     return rows
@@ -375,8 +413,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
     acc_rows = [
         (
             a["batch_size"],
-            f"{100 * a['final_test_acc']['mean']:.2f}% ± {100 * a['final_test_acc']['std']:.2f} "
-            f"(n={a['final_test_acc']['n']})",
+            fmt_pct(a["final_test_acc"]),
             f"{a['steps_completed']:,}",
             a["diverged"] or "no",
         )
@@ -389,13 +426,14 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         [
             "# BN's batch-statistics noise against the shift it removes",
             "",
+            *smoke_banner(config),
             *[f"- {c}" for c in PAPER_CLAIMS],
             "",
             "![batch statistics and noise over training](batch_noise.png)",
             "",
             "## Verdicts",
             "",
-            markdown_table(["claim", "our result"], _verdicts(summary, config)),
+            verdict_table(summary["verdicts"]),
             "",
             f"## Batch statistics against the sampling formulas (mean over the evaluations "
             f"after step 0; ± std over {seeds} seed(s))",
@@ -490,12 +528,6 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure, and the claims its verdict rows test (the review's
-# objection, beyond the paper's own claims: the rows go to the further table).
+# For `bnlab claims`: the figure of this run's verdicts (the review's objection, beyond
+# the paper's own claims: they go to the further table).
 FIGURE = "batch_noise.png"
-CLAIM_IDS: dict[str, str] = {}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary, config)

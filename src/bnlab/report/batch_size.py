@@ -17,9 +17,22 @@ from bnlab.report.render import (
     markdown_table,
     report_from_records,
     save_figure,
+    smoke_banner,
     subplots,
+    verdict_table,
 )
-from bnlab.report.stats import diverged_copies, eval_curves, fmt_diverged, mean_std_ci, verdict
+from bnlab.report.stats import (
+    Verdict,
+    combine,
+    difference_ci,
+    diverged_copies,
+    eval_curves,
+    fmt_diverged,
+    fmt_pct,
+    judge,
+    mean_std_ci,
+    run_context,
+)
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -50,7 +63,7 @@ PAPER_NOTES = [
 
 
 def _pct(d: dict | None) -> str:
-    return "—" if d is None else f"{100 * d['mean']:.2f}% ± {100 * d['std']:.2f}"
+    return "—" if d is None else fmt_pct(d)
 
 
 def summarize(records: list[dict], config: dict) -> dict:
@@ -68,7 +81,9 @@ def summarize(records: list[dict], config: dict) -> dict:
             except ValueError as e:
                 raise ReportError(f"{e}; the run is incomplete (resume it)") from e
             grid[norm][str(b)] = {
-                "final_test_acc": mean_std_ci(list(np.nan_to_num(c["test_acc"][-1]))),
+                "final_test_acc": mean_std_ci(
+                    list(np.nan_to_num(c["test_acc"][-1])), bounds=(0, 1)
+                ),
                 "steps": s["steps"],
                 "lr": s["lr"],
                 "diverged": fmt_diverged(diverged_copies(records, s["arm"])),
@@ -77,7 +92,9 @@ def summarize(records: list[dict], config: dict) -> dict:
         norm: ", ".join(f"b{b}: {_pct(v['final_test_acc'])}" for b, v in runs.items())
         for norm, runs in grid.items()
     }
-    return {"grid": grid, "lines": lines}
+    out = {"grid": grid, "lines": lines}
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
+    return out
 
 
 def _figure(summary: dict, config: dict, path: Path) -> None:
@@ -105,71 +122,75 @@ def _figure(summary: dict, config: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts (none of them the paper's own: it does not vary the batch
+    size), decided by ``stats.judge`` on per-seed accuracy differences."""
     grid = summary["grid"]
     sizes = sorted(config["batch_sizes"])
     small, large = str(sizes[0]), str(sizes[-1])
+    steps = max(runs[str(b)]["steps"] for runs in grid.values() for b in sizes)
+    context = run_context(config, steps=steps)
     rows = []
 
-    def acc(norm, b):
-        return grid[norm][b]["final_test_acc"]["mean"]
+    def acc(norm: str, b: str) -> dict:
+        return grid[norm][b]["final_test_acc"]
+
+    def better(title: str, a: tuple[str, str], b: tuple[str, str], result: str) -> Verdict:
+        return judge(
+            title,
+            difference_ci(acc(*a)["values"], acc(*b)["values"], bounds=(-1, 1)),
+            context=context,
+            null=0.0,
+            unit="difference",
+            result=result,
+        )
 
     if "bn" in grid and len(sizes) > 1:
-        drop = acc("bn", large) - acc("bn", small)
         rows.append(
-            (
+            better(
                 "BN degrades as the mini-batch shrinks (review, PAPER.md Section 9)",
-                verdict(
-                    drop > 0.01,
-                    f"{_pct(grid['bn'][large]['final_test_acc'])} at batch {large}, "
-                    f"{_pct(grid['bn'][small]['final_test_acc'])} at batch {small}",
-                ),
+                ("bn", large),
+                ("bn", small),
+                f"{_pct(acc('bn', large))} at batch {large}, {_pct(acc('bn', small))} at batch "
+                f"{small} (measured: the first minus the second)",
             )
         )
-    if "ln" in grid and "bn" in grid:
-        rows.append(
-            (
-                "LayerNorm, which uses no batch statistics, beats BN at the smallest batch",
-                verdict(
-                    acc("ln", small) > acc("bn", small),
-                    f"at batch {small}: {_pct(grid['ln'][small]['final_test_acc'])} with "
-                    f"LayerNorm, {_pct(grid['bn'][small]['final_test_acc'])} with BN",
-                ),
+    for norm, name, title in (
+        ("ln", "LayerNorm",
+         "LayerNorm, which uses no batch statistics, beats BN at the smallest batch"),
+        ("brn", "Batch Renorm",
+         "Batch Renorm recovers accuracy BN loses at the smallest batch (Ioffe 2017)"),
+    ):  # fmt: skip
+        if norm in grid and "bn" in grid:
+            rows.append(
+                better(
+                    title,
+                    (norm, small),
+                    ("bn", small),
+                    f"at batch {small}: {_pct(acc(norm, small))} with {name}, "
+                    f"{_pct(acc('bn', small))} with BN (measured: {name} minus BN)",
+                )
             )
-        )
-    if "brn" in grid and "bn" in grid:
-        rows.append(
-            (
-                "Batch Renorm recovers accuracy BN loses at the smallest batch (Ioffe 2017)",
-                verdict(
-                    acc("brn", small) > acc("bn", small),
-                    f"at batch {small}: {_pct(grid['brn'][small]['final_test_acc'])} with "
-                    f"Batch Renorm, {_pct(grid['bn'][small]['final_test_acc'])} with BN",
-                ),
-            )
-        )
     if "ghost" in grid and "bn" in grid and int(large) > config["ghost_batch"]:
         rows.append(
-            (
+            better(
                 f"Ghost batches of {config['ghost_batch']} help BN at the largest batch "
                 "(Hoffer et al. 2017)",
-                verdict(
-                    acc("ghost", large) > acc("bn", large),
-                    f"at batch {large}: {_pct(grid['ghost'][large]['final_test_acc'])} "
-                    f"with ghost BN, {_pct(grid['bn'][large]['final_test_acc'])} with BN",
-                ),
+                ("ghost", large),
+                ("bn", large),
+                f"at batch {large}: {_pct(acc('ghost', large))} with ghost BN, "
+                f"{_pct(acc('bn', large))} with BN (measured: ghost BN minus BN)",
             )
         )
     if "none" in grid and "bn" in grid:
-        beats = [b for b in map(str, sizes) if acc("bn", b) > acc("none", b)]
+        parts = [better(f"at batch {b}", ("bn", b), ("none", b), "") for b in map(str, sizes)]
+        beats = [b for b in map(str, sizes) if acc("bn", b)["mean"] > acc("none", b)["mean"]]
         rows.append(
-            (
+            combine(
                 "BN beats no normalization at every batch size",
-                verdict(
-                    len(beats) == len(sizes),
-                    f"BN higher at batch sizes {', '.join(beats) or 'none'} of "
-                    f"{', '.join(map(str, sizes))}",
-                ),
+                parts,
+                result=f"BN higher on average at batch sizes {', '.join(beats) or 'none'} of "
+                f"{', '.join(map(str, sizes))} (measured: BN minus no normalization)",
             )
         )
     return rows
@@ -194,13 +215,14 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         [
             "# BN as the mini-batch shrinks",
             "",
+            *smoke_banner(config),
             *[f"- {n}" for n in PAPER_NOTES],
             "",
             "![accuracy against batch size](batch_size.png)",
             "",
             "## Verdicts",
             "",
-            markdown_table(["claim", "our result"], _verdicts(summary, config)),
+            verdict_table(summary["verdicts"]),
             "",
             "## Final test accuracy",
             "",
@@ -237,12 +259,6 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure, and the claims its verdict rows test (none of the
-# paper's own: the paper does not vary the batch size).
+# For `bnlab claims`: the figure of this run's verdicts (none of them is one of the
+# paper's own claims: the paper does not vary the batch size).
 FIGURE = "batch_size.png"
-CLAIM_IDS: dict[str, str] = {}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary, config)

@@ -2,8 +2,9 @@
 
 ``build_claims(run_dirs, out)`` reads finished run folders (any experiment with a
 report: ``figure1``, ``inception``, ``lr_init``, ``dropout``, ``shift``, ...), takes
-each report's verdict rows from its ``summary.json`` (``verdict_rows``), and
-files them under the claims they test (``CLAIM_IDS``). The properties of the
+the structured verdicts (``bnlab.report.stats.Verdict``) from each ``summary.json``'s
+``"verdicts"``, and files each under the claim it names. Verdicts of smoke-test runs
+(the quick preset) are marked so in the table and the tally. The properties of the
 transform itself (Algorithm 1, Section 3.3's scale invariance) are checked here
 and now, in float64. A claim no run tests says "not tested". Rows a report has
 beyond the paper's claims (ours, or Santurkar et al.'s) follow in their own table.
@@ -11,11 +12,12 @@ beyond the paper's claims (ours, or Santurkar et al.'s) follow in their own tabl
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-from bnlab.report import EXPERIMENTS, ReportError
+from bnlab.lab import experiment_of
+from bnlab.report import ReportError
 from bnlab.report.render import markdown_table, write_documents
+from bnlab.report.stats import Verdict
 from bnlab.run_folder import read_json, write_json
 
 __all__ = ["CLAIMS", "build_claims"]
@@ -69,10 +71,15 @@ def _transform_rows() -> dict[str, list[dict]]:
         ("scale-invariance", "scale invariance (Sec. 3.3)"),
     ):
         err = checks[name]
+        status = "agrees" if err < EXACT else "does not agree"
         rows[cid] = [
             {
-                "verdict": "agrees" if err < EXACT else "does not agree",
+                "verdict": status,
+                "label": status,
+                "smoke": False,
+                "measurement": f"{err:.1e} (exact property, tolerance {EXACT:.0e})",
                 "result": f"largest deviation {err:.1e} in float64 (`bnlab verify`)",
+                "why": "" if err < EXACT else f"the deviation exceeds {EXACT:.0e}",
                 "source": "checked now",
             }
         ]
@@ -83,36 +90,31 @@ def _run_rows(run_dir: Path) -> tuple[str, list[tuple[str | None, dict]]]:
     """The experiment of ``run_dir`` and its verdict rows, each with its claim id or None."""
     if not (run_dir / "summary.json").is_file():
         raise ReportError(f"{run_dir} has no summary.json: not a finished run (resume it first)")
-    config = read_json(run_dir / "config.json")
-    experiment = config.get("experiment")
-    if experiment not in EXPERIMENTS:
-        raise ReportError(f"{run_dir}: experiment {experiment!r} has no report")
-    module = importlib.import_module(EXPERIMENTS[experiment])
-    if not hasattr(module, "verdict_rows"):
-        raise ReportError(f"{run_dir}: the {experiment} report has no verdicts for this table")
+    exp, config = experiment_of(run_dir)
+    experiment, module = exp.key, exp.report
     summary = read_json(run_dir / "summary.json")
-    try:
-        rows = module.verdict_rows(summary, config["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ReportError(f"{run_dir}/summary.json lacks what its verdicts need ({e})") from e
-    out = []
-    for title, text in rows:
-        verdict, _, result = text.partition(": ")
-        if verdict not in ("agrees", "does not agree", "not tested", "not measurable"):
-            verdict, result = "not measurable", text
-        cid = next((c for k, c in module.CLAIM_IDS.items() if title.startswith(k)), None)
-        out.append(
-            (
-                cid,
-                {
-                    "verdict": verdict,
-                    "result": result,
-                    "title": title,
-                    "source": f"{experiment}: {run_dir}",
-                    "figure": str(run_dir / module.FIGURE),
-                },
-            )
+    rebuild = f"rebuild its report with `bnlab report {run_dir}`"
+    if not isinstance(summary, dict) or "verdicts" not in summary:
+        raise ReportError(
+            f"{run_dir}/summary.json has no structured verdicts (an older bnlab wrote it); "
+            + rebuild
         )
+    try:
+        verdicts = [Verdict.from_dict(d) for d in summary["verdicts"]]
+    except (TypeError, ValueError) as e:
+        raise ReportError(f"{run_dir}/summary.json has a damaged verdict ({e}); {rebuild}") from e
+    known = {c[0] for c in CLAIMS}
+    out = []
+    for v in verdicts:
+        row = {
+            **v.to_dict(),
+            "verdict": v.status,
+            "label": v.label,
+            "measurement": v.measurement(),
+            "source": f"{experiment}: {run_dir}",
+            "figure": str(run_dir / module.FIGURE),
+        }
+        out.append((v.claim if v.claim in known else None, row))
     return experiment, out
 
 
@@ -147,24 +149,44 @@ def _markdown(result: dict) -> str:
     rows = []
     for c in result["claims"]:
         if not c["rows"]:
-            rows.append((c["section"], c["claim"], "**not tested**", "no run in this table"))
+            rows.append(
+                (c["section"], c["claim"], "**not tested**", "—", "no run in this table", "—")
+            )
         for r in c["rows"]:
-            rows.append((c["section"], c["claim"], f"**{r['verdict']}**", _cell(r)))
+            rows.append((c["section"], c["claim"], f"**{r['label']}**", *_cells(r)))
     counts = {}
     for c in result["claims"]:
-        verdicts = {r["verdict"] for r in c["rows"]} or {"not tested"}
-        key = verdicts.pop() if len(verdicts) == 1 else "mixed"
+        labels = {r["label"] for r in c["rows"]} or {"not tested"}
+        key = labels.pop() if len(labels) == 1 else "mixed"
         counts[key] = counts.get(key, 0) + 1
+    smoke = any(r.get("smoke") for c in result["claims"] for r in c["rows"]) or any(
+        r.get("smoke") for r in result["other"]
+    )
     lines = [
         "# The paper's claims, measured",
         "",
         "Ioffe & Szegedy (2015), Sections 3-4, claim by claim, beside what bnlab measured "
-        "(every number from the run folders below; mean ± std over seeds with n, as each "
-        "report gives it).",
+        "(every number from the run folders below). *measured*: the effect with its 95% "
+        "interval and n, or each seed's value where fewer than 3 seeds give no interval. A "
+        "verdict *agrees* only when the effect reaches the paper's and its interval excludes "
+        "no effect; *smaller than claimed*: a real effect below the paper's; *does not agree*: "
+        "the interval excludes the claimed effect; *inconclusive*: the run cannot tell (the "
+        "*why* column says what to run).",
         "",
+    ]
+    if smoke:
+        lines += [
+            "**Rows marked (smoke test) come from runs of the `quick` preset: they check that "
+            "an experiment runs, and do not test the paper.** Run those experiments with "
+            "`--preset cpu` for verdicts that do.",
+            "",
+        ]
+    lines += [
         "Tally: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".",
         "",
-        markdown_table(["where", "claim", "verdict", "our measurement"], rows),
+        markdown_table(
+            ["where", "claim", "verdict", "measured", "our result (source)", "why"], rows
+        ),
         "",
     ]
     if result["other"]:
@@ -172,8 +194,8 @@ def _markdown(result: dict) -> str:
             "## Further measurements (beyond the paper's own claims)",
             "",
             markdown_table(
-                ["measurement", "verdict", "our result"],
-                [(r["title"], f"**{r['verdict']}**", _cell(r)) for r in result["other"]],
+                ["measurement", "verdict", "measured", "our result (source)", "why"],
+                [(r["title"], f"**{r['label']}**", *_cells(r)) for r in result["other"]],
             ),
             "",
         ]
@@ -181,9 +203,18 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cell(row: dict) -> str:
-    text = row["result"].replace("|", "/")
+def _cells(row: dict) -> tuple[str, str, str]:
+    """A row's measured value (interval and n, or the seeds' values), result with its
+    source, and why."""
     source = row["source"]
     if row.get("figure"):
         source += f", figure `{Path(row['figure']).name}`"
-    return f"{text} ({source})"
+    if row.get("seeds") is not None:
+        source += f"; {row['seeds']} seed(s)"
+    if row.get("steps") is not None:
+        source += f", {row['steps']:,} steps"
+    if row.get("preset"):
+        source += f", preset {row['preset']}"
+    text = f"{row['result']} ({source})".replace("|", "/")
+    why = (row.get("why") or "—").replace("|", "/")
+    return row.get("measurement", "n/a").replace("|", "/"), text, why

@@ -17,9 +17,22 @@ from bnlab.report.render import (
     markdown_table,
     report_from_records,
     save_figure,
+    smoke_banner,
     subplots,
+    verdict_table,
 )
-from bnlab.report.stats import diverged_copies, eval_curves, fmt_diverged, mean_std_ci, verdict
+from bnlab.report.stats import (
+    Verdict,
+    difference_ci,
+    diverged_copies,
+    eval_curves,
+    fmt_diverged,
+    fmt_pct,
+    fmt_pp,
+    judge,
+    mean_std_ci,
+    run_context,
+)
 
 __all__ = ["FILES", "build_report", "summarize"]
 
@@ -40,14 +53,6 @@ PAPER_CLAIMS = [
 ]
 
 
-def _pct(d: dict) -> str:
-    return f"{100 * d['mean']:.2f}% ± {100 * d['std']:.2f} (n={d['n']})"
-
-
-def _pp(d: dict) -> str:
-    return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pp (n={d['n']})"
-
-
 def summarize(records: list[dict], config: dict) -> dict:
     """Final test accuracy and generalization gap per arm; dropout's gain with and without BN."""
     out: dict = {"arms": {}}
@@ -58,18 +63,19 @@ def summarize(records: list[dict], config: dict) -> dict:
             raise ReportError(f"{e}; the run is incomplete (resume it)") from e
         test, train = c["test_acc"][-1], c["train_acc"][-1]
         out["arms"][arm] = {
-            "final_test_acc": mean_std_ci(list(test)),
-            "final_train_acc": mean_std_ci(list(train)),
-            "gap": mean_std_ci(list(train - test)),
+            "final_test_acc": mean_std_ci(list(test), bounds=(0, 1)),
+            "final_train_acc": mean_std_ci(list(train), bounds=(0, 1)),
+            "gap": mean_std_ci(list(train - test), bounds=(-1, 1)),
             "steps_completed": int(c["steps"][-1]),
             "diverged": fmt_diverged(diverged_copies(records, arm)),
         }
         a = out["arms"][arm]
-        a["test_text"], a["gap_text"] = _pct(a["final_test_acc"]), _pp(a["gap"])
+        a["test_text"], a["gap_text"] = fmt_pct(a["final_test_acc"]), fmt_pp(a["gap"])
     for norm in ("none", "bn"):  # dropout's gain in test accuracy, per seed
         with_d = np.array(out["arms"][f"{norm}+dropout"]["final_test_acc"]["values"])
         without = np.array(out["arms"][norm]["final_test_acc"]["values"])
-        out[f"dropout_gain_{norm}"] = mean_std_ci(list(with_d - without))
+        out[f"dropout_gain_{norm}"] = mean_std_ci(list(with_d - without), bounds=(-1, 1))
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
     return out
 
 
@@ -101,37 +107,54 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _verdicts(summary: dict) -> list[tuple[str, str]]:
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts, decided by ``stats.judge``; every arm starts from the same
+    weights, so seed ``k`` of one arm pairs with seed ``k`` of another."""
     arms = summary["arms"]
+    context = run_context(config, steps=arms["bn"]["steps_completed"])
     gap_none, gap_bn = arms["none"]["gap"], arms["bn"]["gap"]
     gain_none, gain_bn = summary["dropout_gain_none"], summary["dropout_gain_bn"]
+    no_gain = None
+    if gain_none["mean"] <= 0:
+        no_gain = (
+            f"dropout does not help even without BN here (it changes test accuracy by "
+            f"{fmt_pp(gain_none)} without BN), so there is no need for it that BN could "
+            "reduce; try another --dropout or more --steps (--preset cpu)"
+        )
     return [
-        (
+        judge(
             "BN regularizes: a smaller generalization gap than the same network without BN",
-            verdict(
-                gap_bn["mean"] < gap_none["mean"],
-                f"gap {_pp(gap_bn)} with BN, {_pp(gap_none)} without",
-            ),
+            difference_ci(gap_none["values"], gap_bn["values"], bounds=(-1, 1)),
+            claim="regularizes",
+            context=context,
+            null=0.0,
+            unit="difference",
+            result=f"gap {fmt_pp(gap_bn)} with BN, {fmt_pp(gap_none)} without (measured: "
+            "the gap without BN minus with)",
         ),
-        (
+        judge(
             "BN reduces the need for dropout: dropout adds less to a BN network",
-            verdict(
-                gain_bn["mean"] < gain_none["mean"],
-                f"dropout changes test accuracy by {_pp(gain_bn)} with BN and by "
-                f"{_pp(gain_none)} without",
-            )
-            if gain_none["mean"] > 0
-            else "not measurable: dropout does not help even without BN here (it changes "
-            f"test accuracy by {_pp(gain_none)} without BN, {_pp(gain_bn)} with); try another "
-            "--dropout or more --steps",
+            difference_ci(gain_none["values"], gain_bn["values"], bounds=(-1, 1)),
+            claim="dropout",
+            context=context,
+            null=0.0,
+            unit="difference",
+            precondition=no_gain,
+            result=f"dropout changes test accuracy by {fmt_pp(gain_bn)} with BN and by "
+            f"{fmt_pp(gain_none)} without (measured: its gain without BN minus with)",
         ),
-        (
+        judge(
             "BN without dropout is at least as accurate as the baseline with dropout",
-            verdict(
-                arms["bn"]["final_test_acc"]["mean"]
-                >= arms["none+dropout"]["final_test_acc"]["mean"],
-                f"{arms['bn']['test_text']} against {arms['none+dropout']['test_text']}",
+            difference_ci(
+                arms["bn"]["final_test_acc"]["values"],
+                arms["none+dropout"]["final_test_acc"]["values"],
+                bounds=(-1, 1),
             ),
+            context=context,
+            null=0.0,
+            unit="difference",
+            result=f"{arms['bn']['test_text']} against {arms['none+dropout']['test_text']} "
+            "(measured: BN minus the baseline with dropout)",
         ),
     ]
 
@@ -141,7 +164,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         (
             LABELS[arm],
             a["test_text"],
-            _pct(a["final_train_acc"]),
+            fmt_pct(a["final_train_acc"]),
             a["gap_text"],
             a["diverged"] or "no",
         )
@@ -153,13 +176,14 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         [
             "# Section 3.4: does Batch Normalization regularize?",
             "",
+            *smoke_banner(config),
             *[f"- Paper: {c}" for c in PAPER_CLAIMS],
             "",
             "![BN and dropout](dropout.png)",
             "",
             "## Verdicts",
             "",
-            markdown_table(["claim", "our result"], _verdicts(summary)),
+            verdict_table(summary["verdicts"]),
             "",
             "## Our numbers (last evaluation)",
             "",
@@ -177,7 +201,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             "arms; BN before each sigmoid in the BN arms. Every arm starts from the same weights.",
             f"- **Training:** {config['steps']:,} steps, batch {config['batch_size']}, SGD lr "
             f"{config['lr']} momentum {config['momentum']}; {config['seeds']} seed(s) per arm "
-            "(mean ± std, n).",
+            "(mean ± std with the 95% t-interval and n; fewer than 3 seeds: each seed's value).",
             environment_line(env),
             "",
         ]
@@ -197,15 +221,5 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure that shows this run, and which claim of
-# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+# For `bnlab claims`: the figure that shows this run (each verdict names its claim).
 FIGURE = "dropout.png"
-CLAIM_IDS = {
-    "BN regularizes": "regularizes",
-    "BN reduces the need for dropout": "dropout",
-}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary)

@@ -15,17 +15,30 @@ from pathlib import Path
 import numpy as np
 
 from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report.render import (
+    markdown_table,
+    save_figure,
+    smoke_banner,
+    subplots,
+    verdict_table,
+    write_documents,
+)
 from bnlab.report.stats import (
+    Verdict,
+    combine,
     diverged_copies,
     eval_curves,
     first_step_reaching,
     fmt_diverged,
     fmt_pct,
     fmt_steps,
+    judge,
     mean_std_ci,
+    proportion_ci,
+    ratio_ci,
+    run_context,
     speedup,
-    verdict,
+    speedup_estimate,
 )
 from bnlab.run_folder import write_json
 
@@ -70,14 +83,14 @@ def summarize(records: list[dict], config: dict) -> dict:
         c = _curves(records, arm)
         finals = [r for r in records if r.get("kind") == "final" and r["arm"] == arm]
         arm_sum = {
-            "final_test_acc": mean_std_ci(list(c["acc"][-1])),
-            "best_test_acc": mean_std_ci(list(c["acc"].max(0))),
+            "final_test_acc": mean_std_ci(list(c["acc"][-1]), bounds=(0, 1)),
+            "best_test_acc": mean_std_ci(list(c["acc"].max(0)), bounds=(0, 1)),
             "steps_completed": int(c["steps"][-1]),
             "steps_to_threshold": {},
         }
         if finals and "test_acc_population" in finals[-1]:
             arm_sum["final_test_acc_population_stats"] = mean_std_ci(
-                finals[-1]["test_acc_population"]
+                finals[-1]["test_acc_population"], bounds=(0, 1)
             )
         for thr in thresholds:
             arm_sum["steps_to_threshold"][str(thr)] = first_step_reaching(
@@ -91,9 +104,13 @@ def summarize(records: list[dict], config: dict) -> dict:
         # how much its median and its 15-85 spread move, averaged over seeds.
         later = c["steps"] > 0
         spread = c["p85"] - c["p15"]
+        median_ranges = np.ptp(c["p50"][later], axis=0) if later.any() else None  # (S,)
+        spread_ranges = np.ptp(spread[later], axis=0) if later.any() else None
         arm_sum["sigmoid_input"] = {
-            "median_range": float(np.ptp(c["p50"][later], axis=0).mean()) if later.any() else None,
-            "spread_range": float(np.ptp(spread[later], axis=0).mean()) if later.any() else None,
+            "median_range": None if median_ranges is None else float(median_ranges.mean()),
+            "spread_range": None if spread_ranges is None else float(spread_ranges.mean()),
+            "median_range_per_seed": None if median_ranges is None else median_ranges.tolist(),
+            "spread_range_per_seed": None if spread_ranges is None else spread_ranges.tolist(),
         }
         out["arms"][arm] = arm_sum
     base, bn = out["arms"]["baseline"], out["arms"]["bn"]
@@ -112,6 +129,7 @@ def summarize(records: list[dict], config: dict) -> dict:
     out["speedup_steps_bn_vs_baseline_at_least"] = at_least
     fb, fn = base["final_test_acc"]["values"], bn["final_test_acc"]["values"]
     out["bn_higher_final_acc_every_seed"] = all(y > x for x, y in zip(fb, fn))
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
     return out
 
 
@@ -166,9 +184,30 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def _start_verdict(summary: dict) -> str:
+def _stuck_at_chance(summary: dict) -> str | None:
+    """Why BN cannot be compared with a baseline that never left chance, or None."""
+    base = summary["arms"]["baseline"]
+    stuck = [k for k, x in enumerate(base.get("first_step_above_chance", [])) if x is None]
+    if not stuck:
+        return None
+    return (
+        f"the network without BN never left chance (it stayed below "
+        f"{100 * ABOVE_CHANCE:.0f}% test accuracy) in {base['steps_completed']:,} steps, in "
+        f"seed(s) {', '.join(map(str, stuck))}: there is no trained baseline to compare with; "
+        "run longer: --preset cpu (or more --steps)"
+    )
+
+
+def _start_verdict(summary: dict, context: dict) -> Verdict:
     """Does each network rise above chance early on, as both curves of Figure 1(a) do?"""
-    horizon = EARLY * summary["arms"]["baseline"]["steps_completed"]
+    base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
+    horizon = EARLY * base["steps_completed"]
+    firsts = list(zip(base["first_step_above_chance"], bn["first_step_above_chance"]))
+    early = sum(all(x is not None and x <= horizon for x in pair) for pair in firsts)
+    result = (
+        f"both networks pass {100 * ABOVE_CHANCE:.0f}% test accuracy within the first "
+        f"{100 * EARLY:.0f}% of the steps in {early} of {len(firsts)} seeds"
+    )
     for arm, name in (("baseline", "without BN"), ("bn", "with BN")):
         first = summary["arms"][arm]["first_step_above_chance"]
         if any(x is None or x > horizon for x in first):
@@ -177,88 +216,111 @@ def _start_verdict(summary: dict) -> str:
                 if all(x is None for x in first)
                 else f"until step {fmt_steps(first)} (per seed)"
             )
-            return verdict(
-                False,
-                f"{name} the network stays near chance (below "
-                f"{100 * ABOVE_CHANCE:.0f}% test accuracy) {when}, "
-                "while in the paper's Figure 1(a) both networks are well above chance from "
-                "the first steps shown. The plateau comes with "
-                "the small initial weights used here (the paper does not state its own); the "
-                "public reproduction with the same settings reports it too",
+            result = (
+                f"{name} the network stays near chance (below {100 * ABOVE_CHANCE:.0f}% test "
+                f"accuracy) {when}, while in the paper's Figure 1(a) both networks are well "
+                "above chance from the first steps shown. The plateau comes with the small "
+                "initial weights used here (the paper does not state its own); the public "
+                "reproduction with the same settings reports it too"
             )
-    return verdict(
-        True,
-        f"both networks pass {100 * ABOVE_CHANCE:.0f}% test accuracy within the "
-        f"first {100 * EARLY:.0f}% of the steps",
+            break
+    return judge(
+        "Both networks learn from the start (Figure 1a)",
+        proportion_ci(early, len(firsts)),
+        context=context,
+        null=0.0,
+        claimed=1.0,
+        unit="fraction",
+        result=result,
     )
 
 
-def _verdicts(summary: dict) -> list[tuple[str, str]]:
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts, decided by ``stats.judge`` from the summary's numbers."""
     base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
-    out = []
-    higher = summary["bn_higher_final_acc_every_seed"]
-    out.append(
-        (
+    context = run_context(config, steps=base["steps_completed"])
+    stuck = _stuck_at_chance(summary)
+    fb, fn = base["final_test_acc"]["values"], bn["final_test_acc"]["values"]
+    higher = sum(y > x for x, y in zip(fb, fn))
+    out = [
+        judge(
             "BN reaches higher final test accuracy",
-            verdict(
-                higher,
-                f"{fmt_pct(bn['final_test_acc'])} with BN vs {fmt_pct(base['final_test_acc'])} "
-                f"without; BN higher in {'every' if higher else 'not every'} seed",
-            ),
+            mean_std_ci([y - x for x, y in zip(fb, fn)], bounds=(-1, 1)),
+            claim="fig1-accuracy",
+            context=context,
+            null=0.0,
+            unit="difference",
+            precondition=stuck,
+            result=f"{fmt_pct(bn['final_test_acc'])} with BN vs "
+            f"{fmt_pct(base['final_test_acc'])} without; BN higher in {higher} of "
+            f"{len(fb)} seeds (measured: the difference, BN minus without, per seed)",
         )
-    )
+    ]
     sp = summary["speedup_steps_bn_vs_baseline"]
-    if sp:
-        thr, val = max(sp.items(), key=lambda kv: float(kv[0]))
-        out.append(
-            (
-                "BN trains faster",
-                verdict(
-                    val > 1,
-                    f"to reach {100 * float(thr):.0f}% test accuracy the BN network needs "
-                    f"{val:.1f}x fewer steps (mean over seeds)",
-                ),
-            )
+    bound = summary.get("speedup_steps_bn_vs_baseline_at_least")
+    faster = "BN trains faster"
+    if sp or bound:
+        thr = max(sp or bound, key=float)
+        b, n = bn["steps_to_threshold"][thr], base["steps_to_threshold"][thr]
+        estimate = speedup_estimate(n, b, base["steps_completed"])
+        result = (
+            f"to reach {100 * float(thr):.0f}% test accuracy the BN network needs "
+            f"{estimate['mean']:.1f}x fewer steps (ratio of the mean steps: "
+            f"{fmt_steps(n)} without BN, {fmt_steps(b)} with)"
+            if sp
+            else f"the BN network reaches {100 * float(thr):.0f}% test accuracy in every "
+            f"seed (after {np.mean(b):,.0f} steps on average); without BN no seed reaches it "
+            f"in the {base['steps_completed']:,} steps run, so BN needs at least "
+            f"{estimate['mean']:.1f}x fewer steps"
         )
-    elif summary.get("speedup_steps_bn_vs_baseline_at_least"):
-        bound = summary["speedup_steps_bn_vs_baseline_at_least"]
-        thr, val = max(bound.items(), key=lambda kv: float(kv[0]))
-        b = bn["steps_to_threshold"][thr]
         out.append(
-            (
-                "BN trains faster",
-                verdict(
-                    True,
-                    f"the BN network reaches {100 * float(thr):.0f}% test accuracy in every "
-                    f"seed (after {np.mean(b):,.0f} steps on average); without BN no seed "
-                    f"reaches it in the {base['steps_completed']:,} steps run, so BN needs at "
-                    f"least {val:.1f}x fewer steps",
-                ),
+            judge(
+                faster,
+                estimate,
+                claim="fig1-faster",
+                context=context,
+                null=1.0,
+                unit="x",
+                precondition=stuck,
+                result=result,
             )
         )
     else:
         out.append(
-            (
-                "BN trains faster",
-                "not measurable: some arm/seed never reached the "
-                "accuracy thresholds " + str(summary["thresholds"]),
+            judge(
+                faster,
+                None,
+                claim="fig1-faster",
+                context=context,
+                null=1.0,
+                unit="x",
+                precondition=stuck,
+                missing=f"some arm or seed never reached the accuracy thresholds "
+                f"{summary['thresholds']}: train longer (--steps) or lower --thresholds",
             )
         )
     if "first_step_above_chance" in base:
-        out.append(("Both networks learn from the start (Figure 1a)", _start_verdict(summary)))
-    mb, mn = base["sigmoid_input"]["median_range"], bn["sigmoid_input"]["median_range"]
-    sb, sn = base["sigmoid_input"]["spread_range"], bn["sigmoid_input"]["spread_range"]
-    if None not in (mb, mn, sb, sn):
-        stable = mn < mb and sn < sb
-        out.append(
-            (
-                "Sigmoid input more stable with BN",
-                verdict(
-                    stable,
-                    f"over training its median moves by {mb:.2f} without BN vs {mn:.2f} with, "
-                    f"its 15–85 spread by {sb:.2f} vs {sn:.2f}",
-                ),
+        out.append(_start_verdict(summary, context))
+    sb, sn = base["sigmoid_input"], bn["sigmoid_input"]
+    if sb.get("median_range_per_seed") is not None and sn.get("median_range_per_seed") is not None:
+        result = (
+            f"over training its median moves by {sb['median_range']:.2f} without BN vs "
+            f"{sn['median_range']:.2f} with, its 15–85 spread by {sb['spread_range']:.2f} vs "
+            f"{sn['spread_range']:.2f} (measured: how many times more it moves without BN)"
+        )
+        parts = [
+            judge(
+                f"the {what} moves more without BN",
+                ratio_ci(sb[f"{key}_per_seed"], sn[f"{key}_per_seed"]),
+                context=context,
+                null=1.0,
+                unit="x",
+                precondition=stuck,
             )
+            for key, what in (("median_range", "median"), ("spread_range", "15-85 spread"))
+        ]
+        out.append(
+            combine("Sigmoid input more stable with BN", parts, claim="fig1-stable", result=result)
         )
     return out
 
@@ -294,6 +356,7 @@ def _markdown(summary: dict, config: dict, env: dict, data_desc: str) -> str:
     lines = [
         "# Figure 1 reproduction (Section 4.1): MNIST with and without Batch Normalization",
         "",
+        *smoke_banner(cfg),
     ]
     for arm, text in summary.get("diverged", {}).items():
         lines += [
@@ -315,7 +378,8 @@ def _markdown(summary: dict, config: dict, env: dict, data_desc: str) -> str:
         f"momentum {cfg['momentum']} and learning rate {cfg['lr']} (the paper leaves optimizer, "
         "learning rate and initialization unstated), identical for both arms.",
         f"- **Seeds:** {cfg['seeds']} per arm; numbers are mean ± std with the 95% t-interval "
-        f"and n. Test accuracy evaluated every {cfg['eval_every']} steps; the BN arm uses its "
+        "and n (with fewer than 3 seeds, each seed's value instead of an interval). Test "
+        f"accuracy evaluated every {cfg['eval_every']} steps; the BN arm uses its "
         "moving averages then, and population statistics from "
         f"{cfg['population_batches']} training batches at the end.",
         f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
@@ -330,7 +394,7 @@ def _markdown(summary: dict, config: dict, env: dict, data_desc: str) -> str:
         "",
         *[f"- Paper: {c}" for c in PAPER_CLAIMS],
         "",
-        markdown_table(["claim", "our result"], _verdicts(summary)),
+        verdict_table(summary["verdicts"]),
         "",
     ]
     if "packaged" in data_desc:
@@ -367,16 +431,5 @@ def build_report(run_dir: str | Path) -> dict:
     return summary
 
 
-# For `bnlab claims`: the figure that shows this run, and which claim of
-# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+# For `bnlab claims`: the figure that shows this run (each verdict names its claim).
 FIGURE = "figure1.png"
-CLAIM_IDS = {
-    "BN reaches higher final test accuracy": "fig1-accuracy",
-    "BN trains faster": "fig1-faster",
-    "Sigmoid input more stable with BN": "fig1-stable",
-}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary)

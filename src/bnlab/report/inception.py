@@ -8,22 +8,36 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from bnlab.report import ReportError, read_run
-from bnlab.report.render import markdown_table, save_figure, subplots, write_documents
+from bnlab.report.render import (
+    markdown_table,
+    save_figure,
+    smoke_banner,
+    subplots,
+    verdict_table,
+    write_documents,
+)
 from bnlab.report.stats import (
+    Verdict,
+    combine,
+    difference_ci,
     diverged_copies,
     eval_curves,
     first_step_reaching,
     fmt_diverged,
     fmt_pct,
     fmt_steps,
+    judge,
     mean_std_ci,
+    proportion_ci,
+    run_context,
     speedup,
-    verdict,
+    speedup_estimate,
 )
 from bnlab.run_folder import write_json
 
@@ -86,15 +100,15 @@ def summarize(records: list[dict], config: dict) -> dict:
         s: dict = {
             "seeds": int(c["acc"].shape[1]),
             "steps_completed": int(c["steps"][-1]),
-            "best_test_acc": mean_std_ci(best) if best else None,
+            "best_test_acc": mean_std_ci(best, bounds=(0, 1)) if best else None,
             "diverged_at": {str(k): v for k, v in sorted(bad.items())},
             "diverged": fmt_diverged(bad) or None,
         }
         s["best_text"] = fmt_pct(s["best_test_acc"]) if best else "n/a (every seed diverged)"
         if finals:
             f = finals[-1]
-            s["final_test_acc"] = mean_std_ci([f["test_acc_full"][k] for k in ok])
-            s["final_top5"] = mean_std_ci([f["test_top5_full"][k] for k in ok])
+            s["final_test_acc"] = mean_std_ci([f["test_acc_full"][k] for k in ok], bounds=(0, 1))
+            s["final_top5"] = mean_std_ci([f["test_top5_full"][k] for k in ok], bounds=(0, 1))
         if target is not None and ok:
             reached = first_step_reaching(c["steps"], c["acc"][:, ok].T, target)
             s["steps_to_target"] = reached
@@ -105,7 +119,7 @@ def summarize(records: list[dict], config: dict) -> dict:
         out["networks"][name] = s
     ens = [r for r in records if r.get("kind") == "ensemble"]
     out["ensemble"] = {k: v for k, v in ens[-1].items() if k != "kind"} if ens else None
-    out["claims"] = _claims(out)
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
     return out
 
 
@@ -121,77 +135,163 @@ def _speedup_text(s: dict) -> str:
     return f"{sp['exact']:.1f}x" if "exact" in sp else f"at least {sp['at_least']:.1f}x"
 
 
-def _claims(summary: dict) -> list[tuple[str, str]]:
+# The paper's speed-ups (Section 4.2.2, Figure 3): Inception's 31.0M steps to 72.2% over
+# each network's.
+PAPER_SPEEDUP = {"bn-baseline": (31.0 / 13.3, "inc-bn-baseline"), "bn-x5": (14.0, "inc-bn-x5")}
+
+
+def _context(summary: dict, config: dict, name: str) -> dict:
+    s = summary["networks"][name]
+    return run_context(config, steps=s["steps_completed"], seeds=s["seeds"])
+
+
+def _best_values(s: dict) -> list[float]:
+    return s["best_test_acc"]["values"] if s["best_test_acc"] else []
+
+
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts, decided by ``stats.judge`` from the summary's numbers."""
     nets = summary["networks"]
     out = []
-    for name, paper in (("bn-baseline", "2.3x (13.3M vs 31.0M)"), ("bn-x5", "14x (2.1M)")):
+    ref = nets.get(REFERENCE)
+    for name, (claimed, cid) in PAPER_SPEEDUP.items():
         if name not in nets or summary["target_acc"] is None:  # needs inception in the run
             continue
-        sp = nets[name].get("speedup_vs_inception")
-        value = None if not sp else sp.get("exact", sp.get("at_least"))
+        s = nets[name]
+        at_chance = None
+        if summary["target_acc"] <= 2 * CHANCE:
+            at_chance = (
+                f"Inception never left chance (its best, the target, is "
+                f"{_target_text(summary)}) in {ref['steps_completed']:,} steps: there is no "
+                "accuracy of the baseline to reach; run longer: --preset cpu (or more --steps)"
+            )
+        estimate = speedup_estimate(
+            ref["steps_to_target"], s.get("steps_to_target") or [], ref["steps_completed"]
+        )
         out.append(
-            (
-                f"{name} reaches Inception's best accuracy in fewer steps (paper: {paper})",
-                verdict(value is not None and value > 1, f"{_speedup_text(nets[name])} fewer")
-                if value is not None
-                else f"not measurable: {name} did not reach {_target_text(summary)} in every seed",
+            judge(
+                f"{name} reaches Inception's best accuracy in fewer steps (paper: "
+                f"{claimed:.3g}x, {PAPER_FIGURE3[name][0]} vs 31.0M)",
+                estimate,
+                claim=cid,
+                claimed=claimed,
+                context=_context(summary, config, name),
+                null=1.0,
+                unit="x",
+                precondition=at_chance,
+                missing=f"{name} did not reach {_target_text(summary)} in every seed, or "
+                "Inception reached it in some seeds only; train longer (--steps)",
+                result=(f"{_speedup_text(s)} fewer" if estimate else "no speed-up measured:")
+                + f" steps to {_target_text(summary)} (per seed: "
+                f"inception {fmt_steps(ref['steps_to_target'])}, {name} "
+                f"{fmt_steps(s.get('steps_to_target') or [])})",
             )
         )
-    a, b = _best(summary, "bn-x30"), _best(summary, "bn-x5")
-    if a is not None and b is not None:
+    if "bn-x30" in nets and "bn-x5" in nets:
+        a, b = _best_values(nets["bn-x30"]), _best_values(nets["bn-x5"])
         out.append(
-            (
+            judge(
                 "bn-x30 ends higher than bn-x5 (paper: 74.8% vs 73.0%)",
-                verdict(a > b, f"best test accuracy {100 * a:.2f}% vs {100 * b:.2f}%"),
+                difference_ci(a, b, bounds=(-1, 1)) if a and b else None,
+                claim="inc-bn-x30",
+                context=_context(summary, config, "bn-x30"),
+                null=0.0,
+                unit="difference",
+                missing="every seed of one of them diverged",
+                result=f"best test accuracy {nets['bn-x30']['best_text']} vs "
+                f"{nets['bn-x5']['best_text']} (measured: bn-x30 minus bn-x5)",
             )
         )
     if "inception-x5" in nets:
         s = nets["inception-x5"]
-        best = _best(summary, "inception-x5")
-        fails = bool(s["diverged"]) or (best is not None and best < 2 * CHANCE)
+        low = sum(v < 2 * CHANCE for v in _best_values(s))
+        fails = len(s["diverged_at"]) + low
         out.append(
-            (
+            judge(
                 "Inception without BN at 5x the learning rate diverges (paper: parameters "
                 "reach infinity)",
-                verdict(
-                    fails,
-                    f"diverged: {s['diverged']}"
-                    if s["diverged"]
-                    else f"it trained, best test accuracy {100 * (best or 0):.2f}%",
-                ),
+                proportion_ci(fails, s["seeds"]),
+                claim="inc-x5-diverges",
+                claimed=1.0,
+                context=_context(summary, config, "inception-x5"),
+                null=0.0,
+                unit="fraction",
+                result=(f"diverged: {s['diverged']}" if s["diverged"] else "no seed diverged")
+                + f"; {low} seed(s) stayed at chance; best test accuracy {s['best_text']} "
+                "(measured: the share of seeds that failed)",
             )
         )
     if "bn-x5-sigmoid" in nets and "inception-sigmoid" in nets:
-        bs, ns = _best(summary, "bn-x5-sigmoid"), _best(summary, "inception-sigmoid")
-        ok = bs is not None and bs > 2 * CHANCE and (ns is None or ns <= 2 * CHANCE)
+        bs, ns = nets["bn-x5-sigmoid"], nets["inception-sigmoid"]
+        trains = sum(v > 2 * CHANCE for v in _best_values(bs))
+        stays = len(ns["diverged_at"]) + sum(v <= 2 * CHANCE for v in _best_values(ns))
+        parts = [
+            judge(
+                "bn-x5-sigmoid trains",
+                proportion_ci(trains, bs["seeds"]),
+                context=_context(summary, config, "bn-x5-sigmoid"),
+                null=0.0,
+                claimed=1.0,
+                unit="fraction",
+            ),
+            judge(
+                "inception-sigmoid stays at chance",
+                proportion_ci(stays, ns["seeds"]),
+                context=_context(summary, config, "inception-sigmoid"),
+                null=0.0,
+                claimed=1.0,
+                unit="fraction",
+            ),
+        ]
         out.append(
-            (
+            combine(
                 "With sigmoids, BN trains (paper: 69.8%) while Inception stays at chance",
-                verdict(
-                    ok,
-                    f"bn-x5-sigmoid best {100 * (bs or 0):.2f}%, inception-sigmoid best "
-                    f"{100 * (ns or 0):.2f}% (chance {100 * CHANCE:.0f}%)",
-                ),
+                parts,
+                claim="sigmoid",
+                result=f"bn-x5-sigmoid best {bs['best_text']} (above "
+                f"{200 * CHANCE:.0f}% in {trains} of {bs['seeds']} seeds), inception-sigmoid "
+                f"best {ns['best_text']} (at chance in {stays} of {ns['seeds']}; chance "
+                f"{100 * CHANCE:.0f}%)",
             )
         )
     e = summary.get("ensemble")
     if e:
-        best_member = max(e["member_top5"])
+        best1, best5 = max(e["member_top1"]), max(e["member_top5"])
+        result = (
+            f"top-1 error {100 * (1 - e['ensemble_top1']):.2f}% vs best member "
+            f"{100 * (1 - best1):.2f}%; top-5 error {100 * (1 - e['ensemble_top5']):.2f}% vs "
+            f"{100 * (1 - best5):.2f}% (measured: top-1 accuracy, ensemble minus best member)"
+        )
+        images = e.get("examples")
         out.append(
-            (
+            judge(
                 "The ensemble of bn-x30 variants beats every member (paper: top-5 error 4.9% "
                 "vs 7.82% single-crop)",
-                verdict(
-                    e["ensemble_top5"] >= best_member
-                    and e["ensemble_top1"] >= max(e["member_top1"]),
-                    f"top-5 error {100 * (1 - e['ensemble_top5']):.2f}% vs best member "
-                    f"{100 * (1 - best_member):.2f}%; top-1 error "
-                    f"{100 * (1 - e['ensemble_top1']):.2f}% vs "
-                    f"{100 * (1 - max(e['member_top1'])):.2f}%",
-                ),
+                _accuracy_difference(e["ensemble_top1"], best1, images),
+                claim="ensemble",
+                context=run_context(config, seeds=len(e["members"])),
+                null=0.0,
+                unit="difference",
+                samples="test images" if images else "evaluations",
+                precondition=None
+                if images
+                else "the ensemble was scored once and its record does not say on how many "
+                "test images, so the difference has no interval (records of this bnlab lack "
+                "`examples`)",
+                result=result,
             )
         )
     return out
+
+
+def _accuracy_difference(a: float, b: float, images: int | None) -> dict:
+    """Two accuracies on the same ``images`` test images: their difference with the normal
+    interval of two independent proportions (conservative: the two share their images)."""
+    d = {"mean": a - b, "std": None, "n": images or 1, "ci95": None, "values": None}
+    if images:
+        half = 1.96 * math.sqrt((a * (1 - a) + b * (1 - b)) / images)
+        d["ci95"] = [max(-1.0, a - b - half), min(1.0, a - b + half)]
+    return d
 
 
 def _target_text(summary: dict) -> str:
@@ -306,13 +406,14 @@ def _markdown(summary: dict, config: dict, env: dict, data: str) -> str:
         setting_rows,
     )
     claims = (
-        markdown_table(["claim", "our verdict"], summary["claims"])
-        if summary["claims"]
+        verdict_table(summary["verdicts"])
+        if summary["verdicts"]
         else "No claim can be tested with these networks alone (each compares two or more)."
     )
     lines = [
         "# Section 4.2 reproduction: Inception with Batch Normalization",
         "",
+        *smoke_banner(cfg),
         f"Data: {data}. Preset `{cfg['preset']}`: {cfg['steps']:,} steps per network, "
         f"mini-batch {cfg['batch_size']}, SGD with momentum {cfg['momentum']}, Inception width "
         f"{cfg['width']} and depth {cfg['depth']}; {cfg['seeds']} seed(s) per main network, "
@@ -331,7 +432,8 @@ def _markdown(summary: dict, config: dict, env: dict, data: str) -> str:
         f"The target is Inception's best test accuracy during training, {target} (the lowest "
         "of its seeds' bests, so that every Inception seed reaches it). A speed-up 'at least' "
         "means Inception never reached the target in the steps run. Accuracies are "
-        "mean ± std over seeds with the 95% t-interval; diverged seeds are left out. The "
+        "mean ± std over seeds with the 95% t-interval (with fewer than 3 seeds, each seed's "
+        "value instead); diverged seeds are left out. The "
         "paper's numbers are for ImageNet with a 13.6M-parameter network and are not "
         "directly comparable.",
         "",
@@ -409,19 +511,5 @@ def build_report(run_dir: str | Path) -> dict:
     return summary
 
 
-# For `bnlab claims`: the figure that shows this run, and which claim of
-# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+# For `bnlab claims`: the figure that shows this run (each verdict names its claim).
 FIGURE = "figure2.png"
-CLAIM_IDS = {
-    "bn-baseline reaches": "inc-bn-baseline",
-    "bn-x5 reaches": "inc-bn-x5",
-    "bn-x30 ends higher": "inc-bn-x30",
-    "Inception without BN at 5x": "inc-x5-diverges",
-    "With sigmoids": "sigmoid",
-    "The ensemble": "ensemble",
-}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _claims(summary)

@@ -18,15 +18,21 @@ from bnlab.report.render import (
     markdown_table,
     report_from_records,
     save_figure,
+    smoke_banner,
     subplots,
+    verdict_table,
 )
 from bnlab.report.stats import (
+    Verdict,
     diverged_copies,
     eval_curves,
     first_step_reaching,
+    fmt_pct,
+    judge,
     mean_std_ci,
+    run_context,
     speedup,
-    verdict,
+    speedup_estimate,
 )
 
 __all__ = ["FILES", "build_report", "summarize"]
@@ -65,7 +71,7 @@ def _cell(records: list[dict], name: str, steps: int, threshold: float) -> dict:
         reached[k] = None
     return {
         "arm": name,
-        "final_acc": mean_std_ci(healthy) if healthy else None,
+        "final_acc": mean_std_ci(healthy, bounds=(0, 1)) if healthy else None,
         "final_acc_per_seed": [None if not math.isfinite(v) else float(v) for v in final],
         "diverged": {str(k): v for k, v in diverged.items()},
         "steps_to_threshold": reached,
@@ -112,7 +118,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             speedups[s][lr] = speedup(
                 base["steps_to_threshold"], bn["steps_to_threshold"], config["steps"]
             )
-    return {
+    out = {
         "threshold": thr,
         "grid": grid,
         "max_lr_that_trains": {n: {s: best_lr(n, s) for s in inits} for n in NORMS},
@@ -121,6 +127,8 @@ def summarize(records: list[dict], config: dict) -> dict:
         },
         "speedup_bn_vs_none": speedups,
     }
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
+    return out
 
 
 def _grid(summary: dict, config: dict, norm: str, what: str) -> np.ndarray:
@@ -184,64 +192,84 @@ def _fmt_speedup(d: dict | None) -> str:
     return f"{d['exact']:.1f}x" if "exact" in d else f"at least {d['at_least']:.1f}x"
 
 
-def _verdicts(summary: dict, config: dict) -> list[tuple[str, str]]:
+def _sign(x: float) -> float:
+    return float(x > 0) - float(x < 0)
+
+
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts, decided by ``stats.judge``. A grid claim's samples are the
+    grid's rows: per initialization (per learning rate), +1 where BN does better, -1
+    where it does worse, 0 for a tie."""
     lrs, inits = [_key(x) for x in config["lrs"]], [_key(x) for x in config["inits"]]
+    context = run_context(config)
     best = summary["max_lr_that_trains"]
     fmt = lambda v: "none" if v is None else f"{v:g}"  # noqa: E731
     per_init = "; ".join(
         f"{_init_label(s)}: {fmt(best['none'][s])} without, {fmt(best['bn'][s])} with BN"
         for s in inits
     )
-    higher = sum((best["bn"][s] or 0) > (best["none"][s] or 0) for s in inits)
+    none_trained = None
     if all(v is None for n in NORMS for v in best[n].values()):  # nothing trained at all
         none_trained = (
-            f"not measurable: no cell reached {100 * config['threshold']:.0f}% in every seed "
-            f"within {config['steps']:,} steps; train longer (--steps)"
+            f"no cell reached {100 * config['threshold']:.0f}% in every seed within "
+            f"{config['steps']:,} steps; train longer (--steps, or --preset cpu)"
         )
-        return [
-            ("BN allows higher learning rates", none_trained),
-            ("BN allows less careful initialization", none_trained),
-        ]
+    higher = [_sign((best["bn"][s] or 0) - (best["none"][s] or 0)) for s in inits]
     rows = [
-        (
+        judge(
             "BN allows higher learning rates",
-            verdict(
-                higher > len(inits) / 2,
-                f"the largest learning rate that trains is higher with BN at {higher} of "
-                f"{len(inits)} initializations ({per_init})",
-            ),
+            None if none_trained else mean_std_ci(higher, bounds=(-1, 1)),
+            claim="higher-lr",
+            context=context,
+            null=0.0,
+            samples="initializations",
+            more="add initializations (--inits) or train longer (--steps)",
+            missing=none_trained,
+            result=f"the largest learning rate that trains is higher with BN at "
+            f"{higher.count(1)} and lower at {higher.count(-1)} of {len(inits)} "
+            f"initializations ({per_init}); measured: the mean of +1 (higher with BN), "
+            "0, -1 over initializations",
         )
     ]
     counts = summary["inits_that_train"]
-    wider = [lr for lr in lrs if counts["bn"][lr] > counts["none"][lr]]
-    narrower = [lr for lr in lrs if counts["bn"][lr] < counts["none"][lr]]
+    wider = [_sign(counts["bn"][lr] - counts["none"][lr]) for lr in lrs]
     text = ", ".join(
         f"lr {lr}: {counts['none'][lr]} without / {counts['bn'][lr]} with BN" for lr in lrs
     )
     rows.append(
-        (
+        judge(
             "BN allows less careful initialization",
-            verdict(
-                bool(wider) and not narrower,
-                f"initializations (of {len(inits)}) that train: {text}",
-            ),
+            None if none_trained else mean_std_ci(wider, bounds=(-1, 1)),
+            claim="init",
+            context=context,
+            null=0.0,
+            samples="learning rates",
+            more="add learning rates (--lrs) or train longer (--steps)",
+            missing=none_trained,
+            result=f"initializations (of {len(inits)}) that train: {text}; measured: the mean "
+            "of +1 (more train with BN), 0, -1 over learning rates",
         )
     )
     if "0.01" in inits and "glorot" in inits:
         # Our Figure 1 disagreement: does BN's speed-up survive where the baseline learns at once?
         lr = "0.01" if "0.01" in lrs else lrs[0]
         s01, sg = (summary["speedup_bn_vs_none"][s][lr] for s in ("0.01", "glorot"))
+        base, bn = (summary["grid"][n]["glorot"][lr]["steps_to_threshold"] for n in NORMS)
         text = (
             f"BN's speed-up to {100 * config['threshold']:.0f}%: "
             f"{_fmt_speedup(s01)} at N(0, 0.01²), {_fmt_speedup(sg)} at Glorot"
         )
         rows.append(
-            (
+            judge(
                 "BN's speed-up survives an initialization where the baseline learns at once "
                 f"(lr {lr})",
-                f"not measurable: {text}"
-                if sg is None
-                else verdict(sg.get("exact", sg.get("at_least", 0)) > 1, text),
+                speedup_estimate(base, bn, config["steps"]),
+                context=context,
+                null=1.0,
+                unit="x",
+                missing="at Glorot some seed of one arm never reached "
+                f"{100 * config['threshold']:.0f}%; train longer (--steps)",
+                result=text + " (measured: at Glorot)",
             )
         )
     return rows
@@ -255,7 +283,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             for norm in NORMS:
                 c = summary["grid"][norm][s][lr]
                 acc = c["final_acc"]
-                text = "—" if acc is None else f"{100 * acc['mean']:.2f}% ± {100 * acc['std']:.2f}"
+                text = "—" if acc is None else fmt_pct(acc)
                 if c["diverged"]:
                     text += f" (**{len(c['diverged'])} diverged**)"
                 st = c["steps_to_threshold"]
@@ -266,6 +294,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         [
             "# Section 3.3: higher learning rates and less careful initialization",
             "",
+            *smoke_banner(config),
             f"Paper: {PAPER_CLAIM} It shows this only with Inception (BN-x5, BN-x30); here "
             "it is measured on the Section 4.1 network over a grid.",
             "",
@@ -273,7 +302,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
             "",
             "## Verdicts",
             "",
-            markdown_table(["claim", "our result"], _verdicts(summary, config)),
+            verdict_table(summary["verdicts"]),
             "",
             "## What was run",
             "",
@@ -319,15 +348,5 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure that shows this run, and which claim of
-# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+# For `bnlab claims`: the figure that shows this run (each verdict names its claim).
 FIGURE = "lr_init.png"
-CLAIM_IDS = {
-    "BN allows higher learning rates": "higher-lr",
-    "BN allows less careful initialization": "init",
-}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary, config)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.report import ReportError
+from markdown_it import MarkdownIt
+
+from bnlab.report import ReportError, read_run
+from bnlab.report.stats import Verdict, is_smoke
 from bnlab.run_folder import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = [
@@ -23,13 +25,15 @@ __all__ = [
     "markdown_table",
     "report_from_records",
     "save_figure",
+    "smoke_banner",
     "subplots",
+    "verdict_table",
     "write_documents",
 ]
 
 # image types report.html can inline
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
-_IMAGE = re.compile(r"!\[(.*?)\]\((.+?)\)")
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 _STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
     "line-height:1.45;color:#222}img{max-width:100%}table{border-collapse:collapse;"
@@ -75,10 +79,9 @@ def write_documents(
     """Write ``report.md`` and a self-contained ``report.html`` (or ``name``.md/.html)
     into ``run_dir``.
 
-    The HTML is our small Markdown subset (``#``/``##`` headings, ``-`` lists,
-    ``|`` tables, ``**bold**``, backquoted code, ``![alt](file)`` image lines)
-    with every image read from ``run_dir`` and inlined as a base64 data URI, so
-    the page fetches nothing from elsewhere.
+    The HTML is CommonMark with tables, rendered by markdown-it-py, with every
+    local image read from ``run_dir`` and inlined as a base64 data URI, so the page
+    fetches nothing from elsewhere (links stay links).
 
     Args:
         run_dir: the run folder; image paths in ``markdown`` are relative to it.
@@ -100,48 +103,19 @@ def write_documents(
 
 
 def _html(md: str, title: str, run_dir: Path) -> str:
-    """A self-contained HTML page from our small Markdown subset, images embedded."""
-    body, in_table, in_list = [], False, False
-    for line in md.splitlines():
-        if in_list and not line.startswith("- "):
-            body.append("</ul>")
-            in_list = False
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-                continue
-            body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        image = _IMAGE.match(line) if line.startswith("![") else None
-        if image:
-            alt, src = image.groups()
-            body.append(f'<img alt="{html.escape(alt)}" src="{_data_uri(run_dir / src)}">')
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            if not in_list:
-                body.append("<ul>")
-                in_list = True
-            body.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    if in_list:
-        body.append("</ul>")
+    """A self-contained HTML page: CommonMark with tables (markdown-it-py), every local
+    image read from ``run_dir`` and embedded as a data URI; links are left as written."""
+    tokens = _MARKDOWN.parse(md)
+    for token in tokens:
+        for child in token.children or ():
+            if child.type == "image":
+                src = child.attrGet("src") or ""
+                if not src.startswith(("data:", "http://", "https://")):
+                    child.attrSet("src", _data_uri(run_dir / src))
+    body = _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, {})
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-        f"</title><style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+        f"</title><style>{_STYLE}</style></head><body>{body}</body></html>\n"
     )
 
 
@@ -154,10 +128,42 @@ def _data_uri(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def _inline(text: str) -> str:
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+def smoke_banner(config: dict) -> list[str]:
+    """The lines that open the report of a smoke test (a run of the quick preset), else none.
+
+    Args:
+        config: the run's config (config.json's ``"config"``); a missing ``preset`` is
+            unknown, not a smoke test.
+    """
+    if not is_smoke(config.get("preset")):
+        return []
+    return [
+        "**Smoke test: this run used the `quick` preset** (a few hundred steps on a small "
+        "subset). It checks that the experiment runs end to end; its verdicts do not test "
+        "the paper. For a real test run the experiment again with `--preset cpu` (or "
+        "`--preset gpu` on a GPU).",
+        "",
+    ]
+
+
+def verdict_table(verdicts: Sequence[Verdict | dict]) -> str:
+    """The report's verdicts as a Markdown table: claim, verdict (status, marked for a
+    smoke test), measured value with its interval or the seeds' values, result, why."""
+    rows = []
+    for v in verdicts:
+        v = v if isinstance(v, Verdict) else Verdict.from_dict(v)
+        rows.append(
+            (
+                v.title,
+                f"**{v.label}**",
+                v.measurement(),
+                v.result.replace("|", "/"),
+                v.why.replace("|", "/") or "—",
+            )
+        )
+    return markdown_table(
+        ["claim", "verdict", "measured (95% CI or seeds)", "our result", "why"], rows
+    )
 
 
 def environment_line(env: dict) -> str:
@@ -185,8 +191,6 @@ def report_from_records(
     Returns:
         The summary, as written to summary.json.
     """
-    from bnlab.report import read_run
-
     run_dir = Path(run_dir)
     config, env, records = read_run(run_dir, experiment)
     cfg = config["config"]

@@ -9,6 +9,7 @@ after step 0, and the tables give mean ± std over seeds.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,26 @@ from bnlab.report.render import (
     markdown_table,
     report_from_records,
     save_figure,
+    smoke_banner,
     subplots,
+    verdict_table,
 )
 from bnlab.report.stats import (
+    Verdict,
+    combine,
+    difference_ci,
     diverged_copies,
     eval_curves,
     first_step_reaching,
     fmt_diverged,
+    fmt_num,
+    fmt_pct,
     fmt_steps,
+    judge,
     mean_std_ci,
-    verdict,
+    ratio_ci,
+    run_context,
+    speedup_estimate,
 )
 
 __all__ = ["FILES", "build_report", "summarize"]
@@ -118,6 +129,28 @@ def _probe_curves(records: list[dict], arm: str) -> dict:
     return out
 
 
+def _jacobian_summary(records: list[dict], arm: str) -> dict:
+    """Per seed, over the evaluations after step 0 and every pair of probed points: the
+    fraction of the layer Jacobians' singular values in [0.5, 2] and their median (in
+    units of each point's std). Empty for an arm probed without Jacobians."""
+    evals = [
+        r for r in records if r.get("kind") == "eval" and r.get("arm") == arm and "jacobian" in r
+    ]
+    later = [r for r in evals if r["step"] > 0] or evals
+    if not later:
+        return {}
+    out = {}
+    for key, name, bounds in (
+        ("frac_within", "jacobian_within", (0.0, 1.0)),
+        ("q50", "jacobian_median", (0.0, math.inf)),
+    ):
+        rows = [[r["jacobian"][p][key] for p in r["jacobian"]] for r in later]  # (T, P, S)
+        with np.errstate(all="ignore"):
+            per_seed = np.nanmean(np.array(rows, dtype=float), axis=(0, 1))
+        out[name] = mean_std_ci([float(v) for v in per_seed], bounds=bounds)
+    return out
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """Per arm: accuracy, steps to 90%, and each probe's level (mean over evaluations)."""
     out: dict = {"arms": {}, "lines": {}}
@@ -131,7 +164,7 @@ def summarize(records: list[dict], config: dict) -> dict:
         if not later.any():
             later = np.ones_like(later, dtype=bool)
         a = {
-            "final_test_acc": mean_std_ci(list(acc["test_acc"][-1])),
+            "final_test_acc": mean_std_ci(list(acc["test_acc"][-1]), bounds=(0, 1)),
             "steps_to_90": first_step_reaching(
                 acc["steps"], np.nan_to_num(acc["test_acc"]).T, THRESHOLD
             ),
@@ -141,6 +174,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             for m in MEASURES:
                 per_seed = np.nanmean(probes[m][later], axis=0)
                 a[m] = mean_std_ci([float(v) for v in per_seed])
+        a.update(_jacobian_summary(records, arm))
         out["arms"][arm] = a
         acc_d = a["final_test_acc"]
         out["lines"][arm] = (
@@ -148,6 +182,7 @@ def summarize(records: list[dict], config: dict) -> dict:
             f"{a['kl']['mean']:.2e}, gradient ICS 1 - cos {1 - a['ics_cos']['mean']:.2e}, "
             f"beta {a['beta']['mean']:.3g}"
         )
+    out["verdicts"] = [v.to_dict() for v in _verdicts(out, config)]
     return out
 
 
@@ -193,82 +228,141 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _fmt(d: dict, digits: str = ".3g") -> str:
-    return f"{d['mean']:{digits}} ± {d['std']:{digits}} (n={d['n']})"
+def _fmt(d: dict) -> str:
+    return fmt_num(d)
 
 
 def _mean_steps(steps):
     return None if any(s is None for s in steps) else float(np.mean(steps))
 
 
-def _pair_rows(none: dict, bn: dict, where: str, inputs: str) -> list[tuple[str, str]]:
-    """The shift, gradient-ICS and smoothness rows comparing a network with and without BN."""
+def _less(none: dict, bn: dict, key: str, title: str, context: dict, **kw) -> Verdict:
+    """BN lowers ``key``: the ratio without / with BN over seeds (paired: the arms share
+    their seeds' initial weights and batches) excludes 1."""
+    return judge(
+        title,
+        ratio_ci(none[key]["values"], bn[key]["values"]),
+        context=context,
+        null=1.0,
+        unit="x",
+        **kw,
+    )
+
+
+def _pair_rows(none: dict, bn: dict, where: str, inputs: str, context: dict) -> list[Verdict]:
+    """The shift, gradient-ICS and smoothness verdicts comparing a network with and without
+    BN; each measures how many times larger the quantity is without BN."""
+    ics_title = f"BN reduces gradient-based ICS (Santurkar et al. found it does not){where}"
     return [
-        (
+        _less(
+            none,
+            bn,
+            "kl",
             f"BN reduces the distributional shift of nonlinearity inputs (Sections 1-2){where}",
-            verdict(
-                bn["kl"]["mean"] < none["kl"]["mean"],
-                f"per-step shift of the {inputs}, Gaussian KL (scale-free): "
-                f"{_fmt(bn['kl'])} with BN, {_fmt(none['kl'])} without (Wasserstein-1, in the "
-                f"inputs' own units: {_fmt(bn['w1'])} with, {_fmt(none['w1'])} without)",
-            ),
+            context,
+            claim="ics",
+            result=f"per-step shift of the {inputs}, Gaussian KL (scale-free): "
+            f"{_fmt(bn['kl'])} with BN, {_fmt(none['kl'])} without (Wasserstein-1, in the "
+            f"inputs' own units: {_fmt(bn['w1'])} with, {_fmt(none['w1'])} without); "
+            "measured: KL without / with BN",
         ),
-        (
-            f"BN reduces gradient-based ICS (Santurkar et al. found it does not){where}",
-            verdict(
-                bn["ics_cos"]["mean"] > none["ics_cos"]["mean"]
-                and bn["ics_rel"]["mean"] < none["ics_rel"]["mean"],
-                f"1 - cos(G, G') {_fmt(bn['ics_1mcos'])} with BN, {_fmt(none['ics_1mcos'])} "
-                f"without; ‖G − G'‖/‖G‖ {_fmt(bn['ics_rel'])} with, {_fmt(none['ics_rel'])} "
-                "without",
-            ),
+        combine(
+            ics_title,
+            [
+                _less(none, bn, "ics_1mcos", "1 - cos(G, G') lower with BN", context),
+                _less(none, bn, "ics_rel", "‖G − G'‖/‖G‖ lower with BN", context),
+            ],
+            result=f"1 - cos(G, G') {_fmt(bn['ics_1mcos'])} with BN, "
+            f"{_fmt(none['ics_1mcos'])} without; ‖G − G'‖/‖G‖ {_fmt(bn['ics_rel'])} with, "
+            f"{_fmt(none['ics_rel'])} without; measured: without / with BN",
         ),
-        (
+        _less(
+            none,
+            bn,
+            "beta",
             f"BN makes the loss landscape smoother (Santurkar et al.){where}",
-            verdict(
-                bn["beta"]["mean"] < none["beta"]["mean"],
-                f"effective beta-smoothness {_fmt(bn['beta'])} with BN, {_fmt(none['beta'])} "
-                f"without; gradient predictiveness {_fmt(bn['grad_pred'])} with, "
-                f"{_fmt(none['grad_pred'])} without",
-            ),
+            context,
+            result=f"effective beta-smoothness {_fmt(bn['beta'])} with BN, {_fmt(none['beta'])} "
+            f"without; gradient predictiveness {_fmt(bn['grad_pred'])} with, "
+            f"{_fmt(none['grad_pred'])} without; measured: beta without / with BN",
         ),
     ]
 
 
-def _verdicts(summary: dict) -> list[tuple[str, str]]:
+def _verdicts(summary: dict, config: dict) -> list[Verdict]:
+    """The report's verdicts, decided by ``stats.judge`` from the summary's numbers."""
     a = summary["arms"]
+    context = run_context(config)
     rows = []
     if "bn" in a:
         none, bn, noisy = a["none"], a["bn"], a["noisy-bn"]
-        bn_steps, noisy_steps, none_steps = (
-            _mean_steps(x["steps_to_90"]) for x in (bn, noisy, none)
-        )
-        fast = noisy_steps is not None and (none_steps is None or noisy_steps < none_steps)
         steps_text = (
             f"steps to 90%: {fmt_steps(noisy['steps_to_90'])} with noise, "
             f"{fmt_steps(bn['steps_to_90'])} with BN, {fmt_steps(none['steps_to_90'])} without"
         )
-        noisy_verdict = (
-            verdict(
-                fast and noisy["kl"]["mean"] > bn["kl"]["mean"],
-                f"shift (KL) {_fmt(noisy['kl'])} with noise vs {_fmt(bn['kl'])} with BN alone; "
-                + steps_text,
+        bn_slow = None
+        if _mean_steps(bn["steps_to_90"]) is None:
+            bn_slow = (
+                f"BN itself did not reach 90% in every seed ({steps_text}), so there is no "
+                "speed to keep; train longer (--steps, or --preset cpu)"
             )
-            if bn_steps is not None
-            else f"not tested: BN itself did not reach 90% in every seed ({steps_text}); "
-            "train longer"
-        )
-        rows += _pair_rows(none, bn, "", "sigmoid inputs")
+        faster = speedup_estimate(none["steps_to_90"], noisy["steps_to_90"], config["steps"])
+        parts = [
+            judge(
+                "the noise adds shift",
+                ratio_ci(noisy["kl"]["values"], bn["kl"]["values"]),
+                context=context,
+                null=1.0,
+                unit="x",
+            ),
+            judge(
+                "BN with noise trains faster than no BN",
+                faster,
+                context=context,
+                null=1.0,
+                unit="x",
+                precondition=bn_slow,
+                missing="the speed-up has no value: BN with noise missed 90% in some seed, or "
+                "the network without BN reached it in some seeds only; train longer (--steps)",
+            ),
+        ]
+        rows += _pair_rows(none, bn, "", "sigmoid inputs", context)
+        if "jacobian_within" in bn and "jacobian_within" in none:
+            rows.append(
+                judge(
+                    "BN keeps the singular values of layer Jacobians close to 1 "
+                    "(Section 3.3's conjecture)",
+                    difference_ci(
+                        bn["jacobian_within"]["values"],
+                        none["jacobian_within"]["values"],
+                        bounds=(-1, 1),
+                    ),
+                    context=context,
+                    null=0.0,
+                    claim="jacobian",
+                    unit="difference",
+                    result="share of the singular values in [0.5, 2] (Jacobians between "
+                    "consecutive BN inputs, or sigmoid inputs without BN, in units of each "
+                    f"point's std): {_fmt(bn['jacobian_within'])} with BN, "
+                    f"{_fmt(none['jacobian_within'])} without; median singular value "
+                    f"{_fmt(bn['jacobian_median'])} with, {_fmt(none['jacobian_median'])} "
+                    "without; measured: the share with BN minus without",
+                )
+            )
         rows.insert(
             2,
-            (
+            combine(
                 "BN with noise added after it (more shift) still trains faster than no BN "
                 "(Santurkar et al.)",
-                noisy_verdict,
+                parts,
+                result=f"shift (KL) {_fmt(noisy['kl'])} with noise vs {_fmt(bn['kl'])} with "
+                f"BN alone; {steps_text}",
             ),
         )
     if "inception-bn" in a:
-        rows += _pair_rows(a["inception-none"], a["inception-bn"], ", Inception", "ReLU inputs")
+        rows += _pair_rows(
+            a["inception-none"], a["inception-bn"], ", Inception", "ReLU inputs", context
+        )
     return rows
 
 
@@ -279,7 +373,7 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         rows.append(
             (
                 LABELS[arm],
-                f"{100 * acc['mean']:.2f}% ± {100 * acc['std']:.2f}",
+                fmt_pct(acc),
                 fmt_steps(a["steps_to_90"]),
                 _fmt(a["w1"]),
                 _fmt(a["kl"]),
@@ -295,13 +389,14 @@ def _markdown(summary: dict, config: dict, env: dict) -> str:
         [
             "# Internal covariate shift, measured",
             "",
+            *smoke_banner(config),
             *[f"- {c}" for c in PAPER_CLAIMS],
             "",
             "![probes over training](shift.png)",
             "",
             "## Verdicts",
             "",
-            markdown_table(["claim", "our result"], _verdicts(summary)),
+            verdict_table(summary["verdicts"]),
             "",
             "## Our numbers (probe levels: mean over the evaluations after step 0)",
             "",
@@ -368,14 +463,5 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure that shows this run, and which claim of
-# bnlab.report.claims.CLAIMS each verdict row (by the start of its title) tests.
+# For `bnlab claims`: the figure that shows this run (each verdict names its claim).
 FIGURE = "shift.png"
-CLAIM_IDS = {
-    "BN reduces the distributional shift": "ics",
-}
-
-
-def verdict_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
-    """The report's verdict rows, (claim, "agrees: ..."), from summary.json and config."""
-    return _verdicts(summary)

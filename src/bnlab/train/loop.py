@@ -61,6 +61,7 @@ from bnlab.train.schedule import BatchSchedule
 __all__ = ["TrainJob", "TrainResult", "evaluation", "make_sgd", "train", "train_distributed"]
 
 _NEVER = 2**62  # "no bad step yet" in the per-copy divergence tensor (reduced with MIN)
+_ALL = slice(None)  # every row of a batch: a single process
 
 
 @dataclass
@@ -154,6 +155,65 @@ def evaluation(model: nn.Module):
             m.training = mode
 
 
+def sgd_step(
+    job: TrainJob, net: nn.Module, step: int, rows: slice = _ALL, world: int = 1, rank: int = 0
+) -> Tensor:
+    """Training step ``step`` of ``job``: its random state, learning rate, this process's
+    ``rows`` of the batch, loss, backward and optimizer step.
+
+    Args:
+        net: ``job.model``, or its DDP wrapper.
+        rows, world, rank: this process's slice of the global batch, the number of
+            processes and this one's rank (a single process: every row).
+
+    Returns:
+        ``(copies,)``: each copy's share of the global mean loss (detached).
+    """
+    torch.manual_seed(job.seed * 1_000_003 + step * world + rank)
+    if job.lr_at is not None:
+        lr = job.lr_at(step)
+        for group in job.optimizer.param_groups:
+            group["lr"] = lr
+    scale = world / job.batch_size  # summed per-example losses -> share of the global mean
+    xb, yb = job.batch(step, rows)
+    per_copy = job.loss(net(xb), yb)  # (copies,): summed over this process's rows
+    job.optimizer.zero_grad(set_to_none=True)
+    (per_copy.sum() * scale).backward()
+    job.optimizer.step()
+    return per_copy.detach() * scale
+
+
+def evaluate_job(job: TrainJob, step: int, probe: bool = True) -> dict:
+    """The fields of an ``eval`` record: ``job.evaluate`` in eval mode without autograd,
+    then ``job.probe`` (if any, and ``probe``) in training mode, before step ``step``."""
+    model = job.model
+    with evaluation(model):
+        fields = job.evaluate(model)
+    if job.probe is not None and probe:
+        was_training = model.training
+        model.train()
+        try:
+            fields.update(job.probe(model, step))
+        finally:
+            model.train(was_training)
+    return fields
+
+
+def _bar_size() -> dict:
+    """tqdm's ``ncols``/``nrows``: the terminal's, or 100 x 40 where the terminal reports
+    a size of 0, as a pseudo-terminal without a size does (``script``, ``ssh -T``, some
+    CI and notebook runners): tqdm would then take every bar for off-screen and draw
+    nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {}
+    return {
+        "ncols": None if size.columns > 0 else 100,
+        "nrows": None if size.lines > 0 else 40,
+    }
+
+
 def _append(path: Path, records: list[dict]) -> None:
     with open(path, "a") as f:
         for r in records:
@@ -204,29 +264,9 @@ def train(
     first_bad = torch.full((job.copies,), _NEVER, dtype=torch.int64, device=dev)
     start = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        _restore(state, job, ckpt_path)
-        if "first_bad" in state:
-            first_bad.copy_(state["first_bad"])
-        start = int(state["step"])
-        if state.get("done"):
+        start, done = _resume(job, ckpt_path, log_path, first_bad, main, log)
+        if done:
             return TrainResult(model, _bad_steps(first_bad))
-        kept = [
-            r
-            for r in read_jsonl(log_path, warn=False)  # a torn last line: normal after a kill
-            if r.get("kind") in ("eval", "diverged") and r["step"] <= start
-        ]
-        if main and not any(r.get("kind") == "eval" and r["step"] == start for r in kept):
-            # Never report a curve with a hole: the checkpoint's records are gone.
-            raise CheckpointError(
-                f"{log_path} lacks the records up to step {start} that belong to checkpoint "
-                f"{ckpt_path}; delete {ckpt_path} and rerun with --resume to retrain "
-                f"{job.name!r} from the start"
-            )
-        if main:
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-            if log is not None:
-                log(f"{job.name}: resumed from step {start:,} of {job.steps:,} ({ckpt_path})")
     elif main and log_path is not None:
         log_path.unlink(missing_ok=True)
     net = prepare_model(model, info, stats=bn_stats)  # DDP (+ SyncBatchNorm) if world > 1
@@ -243,15 +283,7 @@ def train(
 
     def log_eval(step: int, train_loss: float | None) -> None:
         if main:
-            with evaluation(model):
-                fields = job.evaluate(model)
-            if job.probe is not None and world == 1:
-                was_training = model.training
-                model.train()
-                try:
-                    fields.update(job.probe(model, step))
-                finally:
-                    model.train(was_training)
+            fields = evaluate_job(job, step, probe=world == 1)
             write(
                 [
                     {
@@ -276,26 +308,15 @@ def train(
         mininterval=1.0,
         leave=True,
         disable=not (progress and main and sys.stderr.isatty()),
+        **_bar_size(),
     )
     loss_sum = torch.zeros(job.copies, dtype=torch.float64, device=dev)
     loss_n = 0
     last_ckpt = start
-    scale = world / job.batch_size
     model.train()
     with bar:
         for step in range(start, job.steps):
-            torch.manual_seed(job.seed * 1_000_003 + step * world + info.rank)
-            if job.lr_at is not None:
-                lr = job.lr_at(step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-            xb, yb = job.batch(step, rows)
-            per_copy = job.loss(net(xb), yb)  # (copies,): summed over this process's rows
-            loss = per_copy.sum() * scale
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            per_copy = per_copy.detach() * scale  # each copy's share of the global mean loss
+            per_copy = sgd_step(job, net, step, rows, world, info.rank)
             # Divergence, watched per copy without a device sync: remember the first
             # step whose local loss was non-finite or past the bound.
             bad = ~torch.isfinite(per_copy) | (per_copy > job.divergence_bound)
@@ -303,6 +324,7 @@ def train(
             loss_sum += per_copy
             loss_n += 1
             done = step + 1
+            bar.update(1)  # every step: tqdm itself limits redraws (mininterval)
             if world == 1 and os.getppid() != parent:  # launcher died: stop, not orphaned
                 return TrainResult(model, _bad_steps(first_bad))
             if done % job.eval_every and done != job.steps:
@@ -331,7 +353,6 @@ def train(
             log_eval(done, sum(window) / len(window) if window else None)
             loss_sum.zero_()
             loss_n = 0
-            bar.update(done - bar.n)
             if not alive:
                 break  # every copy diverged: nothing left to train
             # Checkpoint only right after an evaluation, so a resumed run's loss
@@ -357,6 +378,49 @@ def train(
             ckpt_path, {**_state(job.steps, final_model, opt, first_bad, job.name), "done": True}
         )
     return TrainResult(model, bad_steps)
+
+
+def _resume(
+    job: TrainJob,
+    ckpt_path: Path,
+    log_path: Path,
+    first_bad: Tensor,
+    main: bool,
+    log: Callable[[str], object] | None,
+) -> tuple[int, bool]:
+    """Restore ``job`` from its checkpoint and trim its records to the checkpoint's step.
+
+    ``first_bad`` is filled in place. Returns the step to continue from and whether the
+    arm had already finished.
+
+    Raises:
+        CheckpointError: the checkpoint does not fit the job, or the records it
+            belongs to are gone.
+    """
+    state = load_checkpoint(ckpt_path)
+    _restore(state, job, ckpt_path)
+    if "first_bad" in state:
+        first_bad.copy_(state["first_bad"])
+    start = int(state["step"])
+    if state.get("done"):
+        return start, True
+    kept = [
+        r
+        for r in read_jsonl(log_path, warn=False)  # a torn last line: normal after a kill
+        if r.get("kind") in ("eval", "diverged") and r["step"] <= start
+    ]
+    if main and not any(r.get("kind") == "eval" and r["step"] == start for r in kept):
+        # Never report a curve with a hole: the checkpoint's records are gone.
+        raise CheckpointError(
+            f"{log_path} lacks the records up to step {start} that belong to checkpoint "
+            f"{ckpt_path}; delete {ckpt_path} and rerun with --resume to retrain "
+            f"{job.name!r} from the start"
+        )
+    if main:
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if log is not None:
+            log(f"{job.name}: resumed from step {start:,} of {job.steps:,} ({ckpt_path})")
+    return start, False
 
 
 def _bad_steps(first_bad: Tensor) -> list[int | None]:
