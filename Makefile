@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench docs clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bnlab reproduce figure1
 	$(VENV)/bin/bnlab reproduce inception --preset quick
 
+# The whole suite, the docs build with warnings as errors included (tests/test_docs.py).
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -34,5 +35,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/bnlab bench
 
+# The documentation site (Sphinx): API reference from the docstrings, the tour, the
+# experiments and the results. Warnings are errors, as in `make test`.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache docs/_build docs/_generated

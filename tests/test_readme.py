@@ -1,4 +1,4 @@
-"""The Python examples of the README and of docs/readme/ run as written."""
+"""The Python examples of the README and of every page under docs/ run as written."""
 
 import contextlib
 import io
@@ -9,7 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = [p for p in sorted((ROOT / "docs" / "readme").glob("*.md")) if "```python" in p.read_text()]
+DOCS = [
+    p
+    for p in sorted((ROOT / "docs").rglob("*.md"))
+    if not {"_build", "_generated"} & set(p.relative_to(ROOT / "docs").parts)
+    and "```python" in p.read_text()
+]
 
 
 def _run_python_blocks(path: Path) -> tuple[int, str]:
@@ -26,7 +31,7 @@ def test_readme_python_blocks_run():
     assert n >= 2
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT / "docs")))
 def test_docs_python_blocks_run(doc):
     n, _ = _run_python_blocks(doc)
     assert n >= 1
