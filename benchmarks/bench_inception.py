@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnlab
@@ -75,7 +75,7 @@ class Job:
         out = self.net(self.x)  # (N, S * classes)
         # (N, S, classes) -> (N * S, classes); times S: the sum of each copy's mean loss
         logits = out.unflatten(1, (self.copies, CLASSES)).flatten(0, 1)
-        loss = TF.cross_entropy(logits, self.y.flatten()) * self.copies
+        loss = F.cross_entropy(logits, self.y.flatten()) * self.copies
         loss.backward()
         self.opt.step()
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+import bnlab.functional as BF
 import bnlab.nn as bnn
 from bnlab import backend
-from bnlab import functional as F
 from bnlab.backend import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,7 +432,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         assert backend.train_forward(x, None, None, 1e-5) is None
     assert len([w for w in record if "bnlab" in str(w.message)]) == 1
     assert "unavailable" in backend.describe()
-    y = F.batch_norm(x, None, None, training=True)  # the public path still works
+    y = BF.batch_norm(x, None, None, training=True)  # the public path still works
     assert _max_err(y, _reference(x, torch.ones(4), torch.zeros(4), 1e-5)[0]) < 1e-12
     backend.set_backend("compiled")  # on the patched state, dropped after the test
     with pytest.raises(backend.BackendUnavailableError, match="c\\+\\+: not found"):
@@ -454,13 +454,13 @@ def test_missing_compiler_in_fresh_process_warns_and_falls_back(tmp_path):
     """CXX points nowhere and the cache is empty: the real build fails, one warning."""
     code = """
         import warnings, torch
-        from bnlab import functional as F
+        import bnlab.functional as BF
         from bnlab import backend
         warnings.simplefilter("always")
         x = torch.randn(6, 4, dtype=torch.float64)
         assert backend.train_forward(x, None, None, 1e-5) is None
         assert backend.train_forward(x, None, None, 1e-5) is None
-        F.batch_norm(x, None, None, training=True)
+        BF.batch_norm(x, None, None, training=True)
         print(backend.describe())
     """
     env = {"CXX": "/nonexistent/c++", "BNLAB_CACHE_DIR": str(tmp_path)}
@@ -578,9 +578,9 @@ def test_an_overflowing_variance_gives_nan_as_the_pure_path():
     x = torch.randn(60, 4)
     x[:, 2] *= 1e37
     with backend.using("compiled"):
-        y, _, var = F.batch_norm_train_forward(x, None, None, 1e-5)
+        y, _, var = BF.batch_norm_train_forward(x, None, None, 1e-5)
     with backend.using("torch"):
-        y_pure, _, _ = F.batch_norm_train_forward(x, None, None, 1e-5)
+        y_pure, _, _ = BF.batch_norm_train_forward(x, None, None, 1e-5)
     assert not torch.isfinite(var[2])
     assert torch.isnan(y[:, 2]).all() and torch.isnan(y_pure[:, 2]).all()
     torch.testing.assert_close(y[:, [0, 1, 3]], y_pure[:, [0, 1, 3]])
@@ -676,7 +676,7 @@ def test_train_step_double_backward_and_batched_grads():
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
     def f(x, w, b):
-        y = F.batch_norm(x, rm, rv, w, b, training=True)
+        y = BF.batch_norm(x, rm, rv, w, b, training=True)
         assert y.grad_fn.name().endswith(COMPILED_NODE)
         return y
 

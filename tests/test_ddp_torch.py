@@ -21,7 +21,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 from torch.utils.data import DataLoader, TensorDataset
@@ -250,7 +250,7 @@ def _lightning_loop(rank, workdir):
         ddp.train()
         for x, y in loader:
             opt.zero_grad()
-            TF.cross_entropy(ddp(x), y).backward()  # equal slices: DDP's mean is the batch's
+            F.cross_entropy(ddp(x), y).backward()  # equal slices: DDP's mean is the batch's
             opt.step()
     ckpt = os.path.join(workdir, "last.ckpt")
     if rank == 0:  # rank 0 writes the checkpoint, as Lightning's ModelCheckpoint
@@ -270,7 +270,7 @@ def _lightning_loop(rank, workdir):
             idx = [j for o in order for j in o[i : i + BATCH]]
             x, y = ds[idx]
             opt_ref.zero_grad()
-            TF.cross_entropy(ref(x), y).backward()
+            F.cross_entropy(ref(x), y).backward()
             opt_ref.step()
 
     # The checkpoint loads into the torch-BN model (same keys), and equals the reference.

@@ -13,11 +13,11 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 
+import bnlab.functional as BF
 import bnlab.nn as bnn
 from bnlab import backend
-from bnlab import functional as F
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F16, BF16, F32, F64]
@@ -47,7 +47,7 @@ def _torch_refuses(x, w, b, rm, rv, training):
         return None if t is None else t.clone()
 
     try:
-        TF.batch_norm(x, clone(rm), clone(rv), w, b, training)
+        F.batch_norm(x, clone(rm), clone(rv), w, b, training)
     except RuntimeError:
         return True
     return False
@@ -71,13 +71,13 @@ def test_functional_dtype_mix_matches_torch(path, x_dtype, param_dtype, stats_dt
     with _path(path):
         if refused:
             with pytest.raises(RuntimeError, match=r"dtype.*(convert|\.to\()") as info:
-                F.batch_norm(x, ours_rm, ours_rv, w, b, training)
+                BF.batch_norm(x, ours_rm, ours_rv, w, b, training)
             assert isinstance(info.value, TypeError)  # bnlab's convention for a wrong type
             if rm is not None:  # refused before any state changed
                 assert torch.equal(ours_rm, rm) and torch.equal(ours_rv, rv)
             return
-        y = F.batch_norm(x, ours_rm, ours_rv, w, b, training)
-    expect = TF.batch_norm(x, t_rm, t_rv, w, b, training)
+        y = BF.batch_norm(x, ours_rm, ours_rv, w, b, training)
+    expect = F.batch_norm(x, t_rm, t_rv, w, b, training)
     assert y.dtype == expect.dtype == x_dtype
     tol = 1e-2 if x_dtype in (F16, BF16) else 1e-5
     torch.testing.assert_close(y.float(), expect.float(), rtol=tol, atol=tol * 4)
@@ -92,11 +92,11 @@ def test_the_documented_refusals():
     for path in PATHS:
         with _path(path):
             with pytest.raises(RuntimeError, match="weight is torch.float64 but the input"):
-                F.batch_norm(x, None, None, torch.ones(C, dtype=F64), None, True)
+                BF.batch_norm(x, None, None, torch.ones(C, dtype=F64), None, True)
             with pytest.raises(RuntimeError, match="running_mean is torch.float64"):
-                F.batch_norm(x, torch.zeros(C, dtype=F64), torch.ones(C, dtype=F64))
+                BF.batch_norm(x, torch.zeros(C, dtype=F64), torch.ones(C, dtype=F64))
             # Half precision input with float32 parameters: torch's mixed-precision BN.
-            y = F.batch_norm(x.half(), torch.zeros(C), torch.ones(C), torch.ones(C), None)
+            y = BF.batch_norm(x.half(), torch.zeros(C), torch.ones(C), torch.ones(C), None)
             assert y.dtype == F16
 
 
@@ -107,11 +107,11 @@ def test_one_running_statistic_without_the_other_is_refused(path, training, miss
     x = torch.randn(4, C, 2)
     stats = {"running_mean": torch.zeros(C), "running_var": torch.ones(C), missing: None}
     with pytest.raises((ValueError, RuntimeError)):  # torch: ValueError in training
-        TF.batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+        F.batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
     given = next(v for v in stats.values() if v is not None)
     before = given.clone()
     with _path(path), pytest.raises(ValueError, match="both .*or neither"):
-        F.batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+        BF.batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
     assert torch.equal(given, before)
 
 

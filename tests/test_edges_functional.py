@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 
 import bnlab.autograd
 import bnlab.core
+import bnlab.functional as BF
 import bnlab.nn
 from bnlab import backend
-from bnlab import functional as F
 from bnlab.data import mnist as mnist_mod
 from bnlab.functional import batch_norm as public_batch_norm
 
@@ -32,7 +32,7 @@ SRC = Path(bnlab.core.__file__).parent
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (0, 3, 4, 4), (2, 3, 0)])
-@pytest.mark.parametrize("impl", [F.batch_norm, TF.batch_norm], ids=["bnlab", "torch"])
+@pytest.mark.parametrize("impl", [BF.batch_norm, F.batch_norm], ids=["bnlab", "torch"])
 def test_empty_batch_in_training_gives_empty_output_zero_grads_unchanged_stats(shape, impl):
     x = torch.randn(*shape, dtype=DT, requires_grad=True)
     w = torch.randn(3, dtype=DT, requires_grad=True)
@@ -57,15 +57,15 @@ def test_empty_batch_through_the_function_and_the_tracked_entry_point():
     (gw,) = torch.autograd.grad(y.sum(), w)
     assert torch.equal(gw, torch.zeros(4, dtype=DT))
     rm = torch.zeros(4, dtype=DT)
-    _, skipped = F.batch_norm_tracked(x, rm, torch.ones(4, dtype=DT), training=True)
+    _, skipped = BF.batch_norm_tracked(x, rm, torch.ones(4, dtype=DT), training=True)
     assert not skipped.any()  # an empty batch is not a non-finite one
 
 
 def test_exactly_one_value_per_channel_still_refused_in_training():
-    for impl in (F.batch_norm, TF.batch_norm):
+    for impl in (BF.batch_norm, F.batch_norm):
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             impl(torch.randn(1, 3, dtype=DT), None, None, training=True)
-    F.batch_norm(torch.randn(1, 3, dtype=DT), torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+    BF.batch_norm(torch.randn(1, 3, dtype=DT), torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
 
 
 # --------------------------------------------------------------------------
@@ -77,21 +77,21 @@ def test_exactly_one_value_per_channel_still_refused_in_training():
 def test_eps_not_positive_is_refused_in_training(eps):
     x = torch.full((4, 2), 3.0, dtype=DT)  # a constant channel: eps = 0 would give NaN
     with pytest.raises(ValueError, match="eps must be positive"):
-        F.batch_norm(x, None, None, training=True, eps=eps)
+        BF.batch_norm(x, None, None, training=True, eps=eps)
     with pytest.raises(ValueError):
-        TF.batch_norm(x, None, None, training=True, eps=eps)
+        F.batch_norm(x, None, None, training=True, eps=eps)
 
 
 def test_eps_in_eval_zero_allowed_negative_refused_as_in_torch():
     x = torch.randn(4, 2, dtype=DT)
     rm, rv = torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT)
     torch.testing.assert_close(
-        F.batch_norm(x, rm, rv, eps=0.0), TF.batch_norm(x, rm, rv, eps=0.0), rtol=0, atol=0
+        BF.batch_norm(x, rm, rv, eps=0.0), F.batch_norm(x, rm, rv, eps=0.0), rtol=0, atol=0
     )
     with pytest.raises(ValueError, match="non-negative"):
-        F.batch_norm(x, rm, rv, eps=-1.0)
+        BF.batch_norm(x, rm, rv, eps=-1.0)
     with pytest.raises(ValueError):
-        TF.batch_norm(x, rm, rv, eps=-1.0)
+        F.batch_norm(x, rm, rv, eps=-1.0)
 
 
 # --------------------------------------------------------------------------
@@ -106,8 +106,8 @@ def test_non_finite_channels_keep_their_running_stats_others_update_as_torch(bad
     rm, rv = torch.randn(3, dtype=DT), torch.rand(3, dtype=DT) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
     rm_t, rv_t = rm.clone(), rv.clone()
-    y, skipped = F.batch_norm_tracked(x, rm, rv, training=True, momentum=0.2)
-    TF.batch_norm(x, rm_t, rv_t, training=True, momentum=0.2)
+    y, skipped = BF.batch_norm_tracked(x, rm, rv, training=True, momentum=0.2)
+    F.batch_norm(x, rm_t, rv_t, training=True, momentum=0.2)
     assert skipped.tolist() == [False, True, False]
     assert rm[1] == rm0[1] and rv[1] == rv0[1]  # torch's become NaN here: poisoned for good
     assert not (torch.isfinite(rm_t[1]) and torch.isfinite(rv_t[1]))
@@ -123,7 +123,7 @@ def test_update_running_stats_returns_the_skipped_channels_and_keeps_them_exactl
     inf, nan = float("inf"), float("nan")
     mu = torch.tensor([1.0, nan, 1.0, -inf], dtype=DT)
     var = torch.tensor([1.0, 1.0, inf, 1.0], dtype=DT)
-    skipped = F.update_running_stats(rm, rv, mu, var, m=5, momentum=0.5)
+    skipped = BF.update_running_stats(rm, rv, mu, var, m=5, momentum=0.5)
     assert skipped.tolist() == [False, True, True, True]
     assert rm[0] == 0.5 and rv[0] == 0.5 + 0.5 * 1.25
     assert torch.equal(rm[1:], rm0[1:]) and torch.equal(rv[1:], rv0[1:])
@@ -131,7 +131,7 @@ def test_update_running_stats_returns_the_skipped_channels_and_keeps_them_exactl
 
 def test_eval_mode_reports_no_skipped_channels():
     x = torch.randn(4, 3, dtype=DT)
-    _, skipped = F.batch_norm_tracked(x, torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+    _, skipped = BF.batch_norm_tracked(x, torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
     assert skipped is None
 
 
@@ -172,12 +172,12 @@ def test_dependencies_run_one_way_functional_autograd_core():
         "assert 'bnlab.functional' not in sys.modules, 'autograd imports functional'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert public_batch_norm is F.batch_norm  # still the public entry point
+    assert public_batch_norm is BF.batch_norm  # still the public entry point
 
 
 def test_numerics_docstring_names_what_the_code_does():
     """The docstring claimed torch.var_mean; the variance comes from core.center."""
-    for module in (bnlab.core, F):
+    for module in (bnlab.core, BF):
         assert "var_mean" not in module.__doc__
     assert "corrected two-pass" in bnlab.core.__doc__
     assert "var_mean" not in Path(bnlab.core.__file__).read_text()
@@ -204,7 +204,7 @@ def test_packaged_mnist_closes_its_file(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["compiled", "torch"])
-@pytest.mark.parametrize("fn", [F.batch_norm, F.batch_norm_tracked])
+@pytest.mark.parametrize("fn", [BF.batch_norm, BF.batch_norm_tracked])
 def test_functional_momentum_none_is_refused_on_both_paths(fn, mode):
     """The compiled path read None as 0 (running statistics silently unchanged), the pure
     path raised a TypeError from inside lerp_; both now refuse it up front, with the fix."""
@@ -213,7 +213,7 @@ def test_functional_momentum_none_is_refused_on_both_paths(fn, mode):
         with backend.using(mode):
             fn(torch.randn(8, 3, dtype=DT), rm, rv, training=True, momentum=None)
     with pytest.raises(TypeError, match="momentum"):  # torch refuses it too
-        TF.batch_norm(torch.randn(8, 3, dtype=DT), rm, rv, training=True, momentum=None)
+        F.batch_norm(torch.randn(8, 3, dtype=DT), rm, rv, training=True, momentum=None)
     assert torch.equal(rm, torch.zeros(3, dtype=DT)) and torch.equal(rv, torch.ones(3, dtype=DT))
 
 

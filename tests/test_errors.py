@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import bnlab
+import bnlab.functional as BF
 import bnlab.nn as bnn
 from bnlab import backend
-from bnlab import functional as F
 
 
 @pytest.mark.parametrize(
@@ -117,13 +117,13 @@ def test_channel_mismatch_names_the_fix():
 def test_functional_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="3 channels"):
-        F.batch_norm(x, torch.zeros(2), torch.ones(2), training=True)
+        BF.batch_norm(x, torch.zeros(2), torch.ones(2), training=True)
     with pytest.raises(ValueError, match="needs running_mean and running_var"):
-        F.batch_norm(x, None, None, training=False)
+        BF.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
-        F.batch_norm(torch.randn(3), None, None, training=True)
+        BF.batch_norm(torch.randn(3), None, None, training=True)
     with pytest.raises(TypeError, match="floating-point"):
-        F.batch_norm(torch.ones(4, 3, dtype=torch.int32), None, None, training=True)
+        BF.batch_norm(torch.ones(4, 3, dtype=torch.int32), None, None, training=True)
 
 
 @pytest.mark.parametrize(
@@ -154,13 +154,31 @@ def test_functional_size_mismatch_is_a_shape_error_for_every_rank(path, rank, na
         backend.using(None if path == "default" else "torch"),
         pytest.raises(bnn.BatchNormShapeError, match=f"{name} has 5 elements.*3 channels"),
     ):
-        F.batch_norm(x, **args, training=training)
+        BF.batch_norm(x, **args, training=training)
     assert issubclass(bnn.BatchNormShapeError, RuntimeError)
     assert issubclass(bnn.BatchNormShapeError, ValueError)
-    assert F.BatchNormShapeError is bnn.BatchNormShapeError
+    assert BF.BatchNormShapeError is bnn.BatchNormShapeError
 
 
 def test_batch_renorm_size_mismatch_is_a_shape_error():
     x = torch.randn(4, 3, 2)
     with pytest.raises(bnn.BatchNormShapeError, match="weight has 2 elements"):
-        F.batch_renorm(x, torch.zeros(3), torch.ones(3), torch.ones(2), None, training=True)
+        BF.batch_renorm(x, torch.zeros(3), torch.ones(3), torch.ones(2), None, training=True)
+
+
+def test_module_refuses_in_eval_what_torch_refuses_in_eval():
+    """Eval without running statistics takes batch statistics: one value per channel is
+    refused (it returned beta); a negative eps set after construction is refused in eval
+    with running statistics too (it returned inf). torch refuses both."""
+    import bnlab.nn as bnn
+
+    for make in (bnn.BatchNorm1d, torch.nn.BatchNorm1d):
+        bn = make(3, track_running_stats=False).eval()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            bn(torch.randn(1, 3))
+        bn = make(3).eval()
+        bn.eps = -1.0
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            bn(torch.randn(4, 3))
+        bn.eps = 0.0  # allowed with running statistics, as in torch
+        assert torch.isfinite(bn(torch.randn(4, 3))).all()

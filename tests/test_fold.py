@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
@@ -90,7 +90,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
-        return TF.relu(self.bn_side(x) + self.conv2(TF.relu(self.conv1(x))))
+        return F.relu(self.bn_side(x) + self.conv2(F.relu(self.conv1(x))))
 
 
 def test_fold_through_fx_on_a_residual_block():

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import fx, nn
 
 import bnlab
@@ -108,7 +108,7 @@ class Functional(nn.Module):
 
     def forward(self, x):
         z = self.conv(x)
-        return TF.batch_norm(
+        return F.batch_norm(
             z, self.mean, self.var, self.gamma, self.beta, self.training_arg, 0.1, 1e-3
         )
 
@@ -246,7 +246,7 @@ def test_non_constant_weight_and_no_running_stats_are_reported():
             self.bn = nn.BatchNorm2d(6)
 
         def forward(self, x, w):
-            return self.bn(TF.conv2d(x, w))
+            return self.bn(F.conv2d(x, w))
 
     net = _warm(InputWeight().double())
     x, w = torch.randn(2, 4, 5, 5, dtype=F64), torch.randn(6, 4, 3, 3, dtype=F64)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import (
@@ -21,19 +21,19 @@ from torch.func import (
     vmap,
 )
 
+import bnlab.functional as BF
 import bnlab.nn as bnn
-from bnlab import functional as F
 
 DT = torch.float64
 SHAPES = [(5, 3), (4, 3, 5), (3, 2, 3, 4)]
 
 
 def _ours(x, w=None, b=None):
-    return F.batch_norm(x, None, None, w, b, training=True)
+    return BF.batch_norm(x, None, None, w, b, training=True)
 
 
 def _torch(x, w=None, b=None):
-    return TF.batch_norm(x, None, None, w, b, training=True)
+    return F.batch_norm(x, None, None, w, b, training=True)
 
 
 def _args(shape, seed=0):
@@ -139,8 +139,8 @@ def test_vmap_running_statistics_batched_buffers_update_per_slice():
     xs = torch.stack([_args((6, 3, 4), seed)[0] for seed in range(4)])
     rm, rv = torch.zeros(4, 3, dtype=DT), torch.ones(4, 3, dtype=DT)
     rm_t, rv_t = rm.clone(), rv.clone()
-    vmap(lambda x, m, v: F.batch_norm(x, m, v, training=True, momentum=0.3))(xs, rm, rv)
-    vmap(lambda x, m, v: TF.batch_norm(x, m, v, training=True, momentum=0.3))(xs, rm_t, rv_t)
+    vmap(lambda x, m, v: BF.batch_norm(x, m, v, training=True, momentum=0.3))(xs, rm, rv)
+    vmap(lambda x, m, v: F.batch_norm(x, m, v, training=True, momentum=0.3))(xs, rm_t, rv_t)
     _close((rm, rv), (rm_t, rv_t), atol=1e-12)
     assert not torch.equal(rm[0], rm[1])  # really per slice
 
@@ -150,12 +150,12 @@ def test_vmap_running_statistics_unbatched_buffers_raise_as_in_torch():
     xs = torch.randn(4, 6, 3, dtype=DT)
     rm, rv = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
     with pytest.raises(RuntimeError, match="vmap"):
-        vmap(lambda x: F.batch_norm(x, rm, rv, training=True))(xs)
+        vmap(lambda x: BF.batch_norm(x, rm, rv, training=True))(xs)
     with pytest.raises(RuntimeError):
-        vmap(lambda x: TF.batch_norm(x, rm, rv, training=True))(xs)
+        vmap(lambda x: F.batch_norm(x, rm, rv, training=True))(xs)
     assert torch.equal(rm, torch.zeros(3, dtype=DT))  # left as it was
     # Without running statistics (track_running_stats=False) it works.
-    out = vmap(lambda x: F.batch_norm(x, None, None, training=True))(xs)
+    out = vmap(lambda x: BF.batch_norm(x, None, None, training=True))(xs)
     _close(out, torch.stack([_ours(x) for x in xs]), atol=1e-12)
 
 
@@ -213,7 +213,7 @@ def test_torch_compile_fullgraph_matches_eager(training):
     stats_eager = [t.clone() for t in stats]
 
     def f(x, w, b, rm, rv):
-        return F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+        return BF.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

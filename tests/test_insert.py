@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 
 import bnlab
@@ -29,7 +29,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
-        return TF.relu(x + self.conv2(TF.relu(self.conv1(x))))
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
 
 
 def test_paper_mnist_network_gets_three_bn_before_the_sigmoids():
@@ -143,7 +143,7 @@ def test_traced_residual_block_with_functional_relu():
     assert bn_block.conv2.bias is not None  # conv2 feeds the addition, not a nonlinearity
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     bn1 = bn_block.bn_conv1
-    expected = TF.relu(x + bn_block.conv2(TF.relu(bn1(bn_block.conv1(x)))))
+    expected = F.relu(x + bn_block.conv2(F.relu(bn1(bn_block.conv1(x)))))
     torch.testing.assert_close(bn_block(x), expected, rtol=0, atol=0)
     assert not any(is_batchnorm(m) for m in block.modules())  # original unchanged
 

@@ -5,15 +5,15 @@ import os
 import pytest
 import torch
 
+import bnlab.functional as BF
 from bnlab import backend
-from bnlab import functional as F
 
 # (dtype, absolute tolerance on outputs of unit scale)
 TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)]
 
 
 def _reference(x, w, b):
-    return F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    return BF.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
 
 
 # Large means only for float32: a 16-bit input cannot even represent N(1e4, 1) samples
@@ -26,13 +26,13 @@ def test_outputs_and_statistics_close_to_float64(dtype, atol, mean):
     x = (torch.randn(32, 8, 6, 6, dtype=torch.float64) + mean).to(dtype)
     w = torch.rand(8) + 0.5
     b = torch.randn(8)
-    y = F.batch_norm(x, None, None, w, b, training=True)
+    y = BF.batch_norm(x, None, None, w, b, training=True)
     assert y.dtype == dtype
     ref = _reference(x, w, b)  # float64 math on the same (rounded) input
     torch.testing.assert_close(y.double(), ref, atol=atol, rtol=0)
-    mu, var = F.compute_batch_stats(x)
+    mu, var = BF.compute_batch_stats(x)
     assert mu.dtype == torch.float32  # 16-bit inputs accumulate in float32
-    mu_ref, var_ref = F.compute_batch_stats(x.double())
+    mu_ref, var_ref = BF.compute_batch_stats(x.double())
     # The mean to float32 rounding of its own size (|mean| up to 1e4) plus that of unit data.
     torch.testing.assert_close(mu.double(), mu_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
@@ -41,8 +41,8 @@ def test_outputs_and_statistics_close_to_float64(dtype, atol, mean):
 def test_float32_variance_is_stable_for_large_mean():
     """|mean| / std = 1e4: E[x^2] - E[x]^2 in float32 would lose every digit."""
     x64 = torch.randn(4096, 4, dtype=torch.float64) + 1e4
-    _, var = F.compute_batch_stats(x64.float())
-    _, var_ref = F.compute_batch_stats(x64.float().double())
+    _, var = BF.compute_batch_stats(x64.float())
+    _, var_ref = BF.compute_batch_stats(x64.float().double())
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-4, atol=0)
     naive = (x64.float() ** 2).mean(0) - x64.float().mean(0) ** 2
     assert (naive.double() - var_ref).abs().max() > 1e-2  # the naive formula really fails here
@@ -54,8 +54,8 @@ def test_eval_mode_large_mean_float32_close_to_float64():
     x = (torch.randn(256, 8, dtype=torch.float64) + 1e4).float()
     rm, rv = x.double().mean(0).float(), x.double().var(0).float()
     w, b = torch.rand(8) + 0.5, torch.randn(8)
-    y = F.batch_norm(x, rm, rv, w, b, training=False)
-    ref = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double())
+    y = BF.batch_norm(x, rm, rv, w, b, training=False)
+    ref = BF.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double())
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
 
@@ -66,12 +66,12 @@ def test_gradients_close_to_float64(dtype, atol):
     w = torch.rand(6, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
     g = torch.randn(64, 6, dtype=torch.float64).to(dtype)
-    y = F.batch_norm(x, None, None, w, b, training=True)
+    y = BF.batch_norm(x, None, None, w, b, training=True)
     grads = torch.autograd.grad(y, (x, w, b), g)
     x64 = x.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_()
-    y64 = F.batch_norm(x64, None, None, w64, b64, training=True)
+    y64 = BF.batch_norm(x64, None, None, w64, b64, training=True)
     refs = torch.autograd.grad(y64, (x64, w64, b64), g.double())
     assert grads[0].dtype == dtype
     torch.testing.assert_close(grads[0].double(), refs[0], atol=atol, rtol=0)
@@ -113,7 +113,7 @@ def test_float32_compiled_outputs_at_least_as_precise_as_torch(shape, channels_l
             x = x.contiguous(memory_format=torch.channels_last)
         ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
         with backend.using("compiled"):
-            y = F.batch_norm(x, None, None, training=True)
+            y = BF.batch_norm(x, None, None, training=True)
         y_torch = torch.nn.functional.batch_norm(x, None, None, training=True)
         worst["bnlab"] = max(worst["bnlab"], (y.double() - ref).abs().max().item())
         worst["torch"] = max(worst["torch"], (y_torch.double() - ref).abs().max().item())

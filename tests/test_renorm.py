@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+import bnlab.functional as BF
 import bnlab.nn as bnn
 from bnlab import core
-from bnlab import functional as F
 
 SHAPES = [(6, 4), (6, 4, 5), (3, 4, 5, 6), (2, 4, 3, 4, 2)]
 RENORM = {2: bnn.BatchRenorm1d, 3: bnn.BatchRenorm1d, 4: bnn.BatchRenorm2d, 5: bnn.BatchRenorm3d}
@@ -64,9 +64,9 @@ def test_gradcheck_with_clipped_corrections(shape):
     running_var = torch.full((c,), 400.0, dtype=torch.float64)  # sigma_B / sigma ~ 1/20
 
     def f(x, w, b):
-        return F.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, 3.0, 2.0)[0]
+        return BF.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, 3.0, 2.0)[0]
 
-    _, _, _, r, d = F.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, 3.0, 2.0)
+    _, _, _, r, d = BF.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, 3.0, 2.0)
     torch.testing.assert_close(r, torch.full_like(r, 1 / 3), rtol=0, atol=0)
     assert torch.equal(d.abs(), torch.full_like(d, 2.0))
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -86,7 +86,7 @@ def test_backward_matches_stop_gradient_reference(shape, affine):
     running_mean = torch.linspace(-3, 3, c, dtype=torch.float64)
     running_var = torch.linspace(0.5, 30, c, dtype=torch.float64)
     rmax, dmax = 2.0, 1.0
-    y, _, _, r, d = F.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, rmax, dmax)
+    y, _, _, r, d = BF.batch_renorm_train(x, w, b, running_mean, running_var, 1e-5, rmax, dmax)
     assert ((r > 1 / rmax) & (r < rmax)).any() and ((r == rmax) | (r == 1 / rmax)).any()
     assert (d.abs() < dmax).any() and (d.abs() == dmax).any()
     y_ref = reference_renorm(x, w, b, running_mean, running_var, 1e-5, rmax, dmax)
@@ -245,7 +245,7 @@ def test_clipping_changes_over_steps():
         x = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 3 + 2
         rmax, dmax = m.current_limits()
         y = m(x)
-        bn = F.batch_norm(x, None, None, m.weight, m.bias, True)
+        bn = BF.batch_norm(x, None, None, m.weight, m.bias, True)
         expected = reference_renorm(
             x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, rmax, dmax
         )
@@ -334,13 +334,13 @@ def test_functional_matches_module_and_updates_running_stats():
     rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
     for _ in range(3):
         x = torch.randn(6, 4, 3, dtype=torch.float64) * 2 + 1
-        y = F.batch_renorm(x, rm, rv, m.weight, m.bias, True, 0.1, 1e-5, 3.0, 5.0)
+        y = BF.batch_renorm(x, rm, rv, m.weight, m.bias, True, 0.1, 1e-5, 3.0, 5.0)
         torch.testing.assert_close(m(x), y, rtol=0, atol=0)
         torch.testing.assert_close(m.running_mean, rm, rtol=0, atol=0)
         torch.testing.assert_close(m.running_var, rv, rtol=0, atol=0)
     m.eval()
     x = torch.randn(6, 4, 3, dtype=torch.float64)
-    torch.testing.assert_close(m(x), F.batch_renorm(x, rm, rv, m.weight, m.bias), **EXACT)
+    torch.testing.assert_close(m(x), BF.batch_renorm(x, rm, rv, m.weight, m.bias), **EXACT)
 
 
 def test_float32_and_bfloat16_run():
@@ -430,11 +430,11 @@ def test_runtime_errors():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bnn.BatchRenorm1d(3)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="needs running_mean and running_var"):
-        F.batch_renorm(torch.randn(4, 3), None, None, training=True)
+        BF.batch_renorm(torch.randn(4, 3), None, None, training=True)
     with pytest.raises(ValueError, match="rmax must be >= 1"):
-        F.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, rmax=0.9)
+        BF.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, rmax=0.9)
     with pytest.raises(ValueError, match="dmax must be >= 0"):
-        F.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, dmax=-1)
+        BF.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, dmax=-1)
 
 
 def test_is_a_batchnorm_for_tools():

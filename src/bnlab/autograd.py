@@ -4,11 +4,13 @@ place that chooses between the kernels of :mod:`bnlab.backend` and the pure math
 
 The Function's forward and backward go through :func:`batch_norm_train_forward` and
 :func:`batch_norm_backward`: the narrow interface between the autograd layer and the hot
-path. The other dispatchers here serve the modules (:func:`batch_norm_train_step`, a
-layer's whole training forward in one compiled call; :func:`normalize_by_stats`,
-inference) and SyncBatchNorm's local parts (:func:`batch_stats`, :func:`grad_sums`,
-:func:`input_grad`). Each tries the kernels first and runs the pure math where they do
-not apply (see :mod:`bnlab.backend` for when). Dependencies run one way:
+path. The other dispatchers here serve :func:`bnlab.functional.batch_norm` and the
+modules, through the one routing they share (``bnlab.functional._dispatch``):
+:func:`batch_norm_train_step`, a layer's whole training forward in one compiled call;
+:func:`normalize_by_stats`, inference; and SyncBatchNorm's local parts
+(:func:`batch_stats`, :func:`grad_sums`, :func:`input_grad`). Each tries the kernels
+first and runs the pure math where they do not apply (see :mod:`bnlab.backend` for
+when). Dependencies run one way:
 ``bnlab.functional -> bnlab.autograd -> bnlab.backend, bnlab.core``.
 """
 
@@ -19,8 +21,7 @@ from torch import Tensor
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
-from bnlab import backend
-from bnlab import core as F
+from bnlab import backend, core
 
 __all__ = [
     "BatchNormTrainFunction",
@@ -40,7 +41,7 @@ def batch_norm_train_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`bnlab.core.batch_norm_train_forward`, on the compiled kernels where they apply."""
     out = backend.train_forward(x, weight, bias, eps)
-    return out if out is not None else F.batch_norm_train_forward(x, weight, bias, eps)
+    return out if out is not None else core.batch_norm_train_forward(x, weight, bias, eps)
 
 
 def batch_norm_backward(
@@ -55,7 +56,7 @@ def batch_norm_backward(
     out = backend.backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
     if out is not None:
         return out
-    return F.batch_norm_backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
+    return core.batch_norm_backward(grad_y, x, weight, mu_b, inv_std, needs_input_grad)
 
 
 def batch_norm_train_step(
@@ -105,16 +106,16 @@ def normalize_by_stats(
     y = backend.eval_forward(x, mean, var, weight, bias, eps)
     if y is not None:
         return y
-    cdt = F.compute_dtype(x.dtype)
+    cdt = core.compute_dtype(x.dtype)
     inv_std = torch.rsqrt(var.to(cdt) + eps)
-    return F.normalize(x, mean.to(cdt), inv_std, weight, bias)
+    return core.normalize(x, mean.to(cdt), inv_std, weight, bias)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`bnlab.core.compute_batch_stats` (Algorithm 1, lines 1-2), on the kernels
     where they apply: ``(mu_b, biased_var_b)``."""
     out = backend.batch_stats(x)
-    return out if out is not None else F.compute_batch_stats(x)
+    return out if out is not None else core.compute_batch_stats(x)
 
 
 def grad_sums(grad_y: Tensor, x: Tensor, mu_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -123,7 +124,7 @@ def grad_sums(grad_y: Tensor, x: Tensor, mu_b: Tensor) -> tuple[Tensor, Tensor, 
     out = backend.grad_sums(grad_y, x, mu_b)
     if out is not None:
         return (*out, None)
-    return F.reduce_grad_sums(grad_y, x, mu_b)
+    return core.reduce_grad_sums(grad_y, x, mu_b)
 
 
 def input_grad(
@@ -142,7 +143,7 @@ def input_grad(
     out = backend.input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m)
     if out is not None:
         return out
-    return F.input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m, scratch)
+    return core.input_grad(grad_y, x, weight, mu_b, inv_std, sum_dy, sum_dy_xmu, m, scratch)
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -204,24 +205,24 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ``jacrev(jacfwd(f))`` or ``jacrev(jacrev(f))``, all exact.
         """
         x, weight, _, _ = ctx.saved_tensors
-        x_mu, _, biased_var_b = F.center(x)
+        x_mu, _, biased_var_b = core.center(x)
         inv_std = torch.rsqrt(biased_var_b + ctx.eps)
         cdt = inv_std.dtype
-        dims = F.reduce_dims(x)
-        x_hat = x_mu * F.channel_view(inv_std, x)
+        dims = core.reduce_dims(x)
+        x_hat = x_mu * core.channel_view(inv_std, x)
         dy = None
         if x_t is not None:
             dx = x_t.to(cdt)
-            mean_dx = F.channel_view(dx.mean(dims), x)
-            mean_dx_xhat = F.channel_view((dx * x_hat).mean(dims), x)
-            dy = (dx - mean_dx - x_hat * mean_dx_xhat) * F.channel_view(inv_std, x)
+            mean_dx = core.channel_view(dx.mean(dims), x)
+            mean_dx_xhat = core.channel_view((dx * x_hat).mean(dims), x)
+            dy = (dx - mean_dx - x_hat * mean_dx_xhat) * core.channel_view(inv_std, x)
             if weight is not None:
-                dy = dy * F.channel_view(weight.to(cdt), x)
+                dy = dy * core.channel_view(weight.to(cdt), x)
         if weight_t is not None:
-            term = x_hat * F.channel_view(weight_t.to(cdt), x)
+            term = x_hat * core.channel_view(weight_t.to(cdt), x)
             dy = term if dy is None else dy + term
         if bias_t is not None:
-            term = F.channel_view(bias_t.to(cdt), x).expand_as(x_hat)
+            term = core.channel_view(bias_t.to(cdt), x).expand_as(x_hat)
             dy = term if dy is None else dy + term
         if dy is None:
             dy = torch.zeros_like(x_hat)
@@ -235,7 +236,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ):
             # Double backward (or forward-over-reverse under torch.func): rebuild the
             # statistics as a function of x, so their dependence on x is seen.
-            mu_b, biased_var_b = F.compute_batch_stats(x)
+            mu_b, biased_var_b = core.compute_batch_stats(x)
             inv_std = torch.rsqrt(biased_var_b + ctx.eps)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = batch_norm_backward(

@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "bnlab.commands.reproduce",
     "bnlab.commands.data",
     "bnlab.commands.ddp",
-    "bnlab.verify",
+    "bnlab.commands.verify",
     "bnlab.commands.bench",
 ]
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnlab import functional as F
+import bnlab.functional as BF
 from bnlab.graph import is_batchnorm
 from bnlab.nn.sync import convert_sync_batchnorm, group_size
 
@@ -211,7 +211,7 @@ def sync_running_stats(
             g = torch.stack(gathered)  # (R, 2 * sum C)
             n = means.numel()
             ones = torch.ones(world, dtype=torch.float64, device=device)
-            _, means, variances = F.merge_moments(ones, g[:, :n], g[:, n:])
+            _, means, variances = BF.merge_moments(ones, g[:, :n], g[:, n:])
             dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
         start = 0
         for m, count in zip(bns, counts):

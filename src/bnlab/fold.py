@@ -22,13 +22,13 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.export import ExportedProgram, ExportGraphSignature
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
+import bnlab.functional as BF
 import bnlab.nn.batchnorm as bnlab_bn
-from bnlab import functional as F
 from bnlab.graph import LINEAR_LAYERS, calls_per_module, is_batchnorm, is_sequential_tree, trace
 
 __all__ = [
@@ -90,8 +90,8 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.center is not None:
-            x = x - F.channel_view(self.center, x)
-        return torch.addcmul(F.channel_view(self.shift, x), x, F.channel_view(self.scale, x))
+            x = x - BF.channel_view(self.center, x)
+        return torch.addcmul(BF.channel_view(self.shift, x), x, BF.channel_view(self.scale, x))
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"
@@ -131,7 +131,7 @@ def _check_running_stats(bn: nn.Module) -> None:
 
 def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
     _check_running_stats(bn)
-    return F.inference_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return BF.inference_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 def _fold_weights(
@@ -155,7 +155,7 @@ def _fold_weights(
     Returns:
         ``(W', b')`` in ``weight``'s dtype.
     """
-    scale, _ = F.inference_affine(running_mean, running_var, gamma, beta, eps)
+    scale, _ = BF.inference_affine(running_mean, running_var, gamma, beta, eps)
     rm = running_mean.detach()
     centered = -rm if bias is None else bias.detach().to(rm.dtype) - rm
     beta = torch.zeros_like(rm) if beta is None else beta.detach()
@@ -232,7 +232,7 @@ aten = torch.ops.aten
 # ops torch.export records (aten.batch_norm before decomposition, the others after).
 # True: the op returns a tuple whose element 0 is the output.
 BATCH_NORM_CALLS: dict[Callable, bool] = {
-    TF.batch_norm: False,
+    F.batch_norm: False,
     aten.batch_norm.default: False,
     aten._native_batch_norm_legit_no_training.default: True,
     aten._native_batch_norm_legit_functional.default: True,
@@ -244,11 +244,11 @@ BATCH_NORM_CALLS: dict[Callable, bool] = {
 # Wu (+ b) calls whose output BN may be folded into: (input, weight, bias, ...) for all.
 # True: a linear layer (weight (out, in)); False: a ConvNd (weight (out, in/groups, *k)).
 LAYER_CALLS: dict[Callable, bool] = {
-    TF.linear: True,
+    F.linear: True,
     aten.linear.default: True,
-    TF.conv1d: False,
-    TF.conv2d: False,
-    TF.conv3d: False,
+    F.conv1d: False,
+    F.conv2d: False,
+    F.conv3d: False,
     aten.conv1d.default: False,
     aten.conv2d.default: False,
     aten.conv3d.default: False,

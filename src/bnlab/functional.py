@@ -5,6 +5,13 @@ training mode is Algorithm 1 (Ioffe & Szegedy 2015, see ``PAPER.md``) with
 the explicit closed-form backward of :mod:`bnlab.autograd`, eval mode the
 fixed affine map of Algorithm 2, step 11.
 
+One dispatcher, ``_dispatch``, routes :func:`batch_norm` and the forward of
+:class:`bnlab.nn.BatchNorm2d` and its kin alike: eval's affine map, or training's
+one compiled step, or the explicit-backward Function followed by the
+running-statistics update (a module's ``num_batches_tracked`` counted there, and
+its ``momentum=None`` the cumulative average). Each caller checks its input first,
+naming itself in the errors; the modules keep their state and train/eval policy.
+
 The pure tensor math (statistics, normalization, closed-form backward,
 running-statistics update, inference affine map) lives in :mod:`bnlab.core`
 and is re-exported here, so ``bnlab.functional.compute_batch_stats`` and the
@@ -193,7 +200,8 @@ def _batch_norm(
     tracked: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`batch_norm_tracked`; ``skipped`` only when ``tracked`` (else None), as
-    building it costs a small op per call."""
+    building it costs a small op per call. The functional form's checks, then
+    :func:`_dispatch`."""
     if momentum is None:
         # torch.nn.functional.batch_norm refuses None too. The modules' momentum=None, a
         # cumulative average (1 / num_batches_tracked), needs a batch count that a
@@ -207,39 +215,140 @@ def _batch_norm(
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
     check_batch_norm_state(input, weight, bias, running_mean, running_var)
-    if training:
-        step = batch_norm_train_step(
-            input, weight, bias, running_mean, running_var, None, momentum, eps
-        )
-        if step is not None:  # the compiled kernels, running statistics included
-            y, mu_b, biased_var_b, n_skipped = step
-            if not tracked or (running_mean is None and running_var is None):
-                return y, None
-            skipped = (
-                ~torch.isfinite(mu_b + biased_var_b)
-                if n_skipped
-                else torch.zeros(mu_b.shape, dtype=torch.bool)
-            )
-            return y, skipped
-        y, mu_b, biased_var_b = batch_norm_train(input, weight, bias, eps)
-        if running_mean is None and running_var is None:
-            return y, None
-        skipped = update_running_stats(
-            running_mean,
-            running_var,
-            mu_b,
-            biased_var_b,
-            num_values_per_channel(input),
-            momentum,
-        )
+    y, mu_b, biased_var_b, skipped = _dispatch(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+    if not tracked:
+        return y, None
+    if not isinstance(skipped, int):
         return y, skipped
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_norm in eval mode (training=False) needs running_mean and running_var; "
-            "pass them, or use training=True to normalize with batch statistics"
-        )
-    # Algorithm 2, step 11: gamma * (x - E[x]) * inv_std + beta.
-    return normalize_by_stats(input, running_mean, running_var, weight, bias, eps), None
+    # The kernels count the skipped channels; the mask is rebuilt only when one was.
+    if skipped:
+        return y, ~torch.isfinite(mu_b + biased_var_b)
+    return y, torch.zeros(mu_b.shape, dtype=torch.bool)
+
+
+def _dispatch(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | int | None]:
+    """The one routing of batch normalization, for :func:`batch_norm` and the modules
+    (:class:`bnlab.nn.BatchNorm2d` ...), after the caller's own checks.
+
+    Eval (``training`` False) is the fixed affine map of Algorithm 2, step 11, on the
+    kernels where they apply (:func:`bnlab.autograd.normalize_by_stats`). Training is
+    Algorithm 1 and, when running statistics are given, their update (Algorithm 2,
+    step 10): one compiled call where the kernels apply
+    (:func:`bnlab.autograd.batch_norm_train_step`), else the explicit-backward Function
+    and :func:`update_running_stats`, the same math. Where each runs (compiled, native,
+    pure; tracing and export keep the pure path's ATen ops) is :mod:`bnlab.backend`'s
+    decision.
+
+    Momentum is PyTorch's: ``new = (1 - momentum) * old + momentum * batch``. With
+    ``num_batches_tracked`` (a module's count) each training step with running
+    statistics counts the batch there, and ``momentum=None`` is the cumulative average
+    ``1 / num_batches_tracked``; without it, None stands for 0, torch's fallback (the
+    functional form refuses None before it gets here).
+
+    Args:
+        input, running_mean, running_var, weight, bias, eps: as :func:`batch_norm`,
+            already checked; the running statistics both given or both None. In
+            training, None running statistics are neither read nor updated.
+        training: normalize with batch statistics (else with the running ones).
+        momentum: the update's factor, or None (see above).
+        num_batches_tracked: the count a training step with running statistics
+            increments in place, or None.
+
+    Returns:
+        ``(y, mu_b, biased_var_b, skipped)``: in eval ``(y, None, None, None)``. In
+        training the batch statistics and, when running statistics were updated, the
+        channels whose update was skipped because their batch statistics were not
+        finite: the kernels' count (an int, known without a device sync) or the pure
+        path's (C,) bool mask (see :func:`update_running_stats`); otherwise None.
+
+    Raises:
+        ValueError: eval without running statistics.
+    """
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm in eval mode (training=False) needs running_mean and running_var; "
+                "pass them, or use training=True to normalize with batch statistics"
+            )
+        # Algorithm 2, step 11: gamma * (x - E[x]) * inv_std + beta.
+        y = normalize_by_stats(input, running_mean, running_var, weight, bias, eps)
+        return y, None, None, None
+    tracks = running_mean is not None
+    step = batch_norm_train_step(  # one compiled call, where the kernels apply
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked if tracks else None,
+        momentum,
+        eps,
+    )
+    if step is not None:
+        y, mu_b, biased_var_b, n_skipped = step
+        return y, mu_b, biased_var_b, (n_skipped if tracks else None)
+    y, mu_b, biased_var_b = batch_norm_train(input, weight, bias, eps)
+    if not tracks:
+        return y, mu_b, biased_var_b, None
+    m = num_values_per_channel(input)
+    skipped = _count_and_update(
+        running_mean, running_var, num_batches_tracked, mu_b, biased_var_b, m, momentum
+    )
+    return y, mu_b, biased_var_b, skipped
+
+
+def _count_batch(num_batches_tracked: Tensor | None, momentum: float | None) -> float | Tensor:
+    """Count a batch in ``num_batches_tracked`` (in place) and return the momentum of
+    its running-statistics update.
+
+    PyTorch's convention: ``running = (1 - momentum) * running + momentum * batch``;
+    ``momentum=None`` is a cumulative average, momentum = 1 / num_batches_tracked.
+    Without a count (None: a functional call, or a module's removed by hand) None
+    stands for 0, torch's fallback.
+    """
+    if num_batches_tracked is None:
+        return 0.0 if momentum is None else momentum
+    num_batches_tracked.add_(1)
+    if momentum is None:  # cumulative moving average
+        # Under vmap no data-dependent float(); under torch.jit.trace a float would be
+        # a constant of the trace: a tensor keeps 1 / count in the traced graph.
+        if (
+            torch._C._functorch.is_functorch_wrapped_tensor(num_batches_tracked)
+            or torch._C._get_tracing_state()
+        ):
+            return 1.0 / num_batches_tracked
+        return 1.0 / float(num_batches_tracked)
+    return momentum
+
+
+def _count_and_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mu_b: Tensor,
+    biased_var_b: Tensor,
+    m: int,
+    momentum: float | None,
+) -> Tensor:
+    """Count the batch (:func:`_count_batch`), then :func:`update_running_stats`.
+
+    The update of :func:`_dispatch`, and of the modules whose training forward is their
+    own (ghost batches, renormalization, cross-process statistics).
+    """
+    momentum = _count_batch(num_batches_tracked, momentum)
+    return update_running_stats(running_mean, running_var, mu_b, biased_var_b, m, momentum)
 
 
 def _check_channel_sizes(

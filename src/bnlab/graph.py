@@ -4,7 +4,7 @@ nonlinearities, and how to trace a general module with torch.fx."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import fx, nn
 
 import bnlab.nn.batchnorm as bnlab_bn
@@ -52,22 +52,22 @@ NONLINEAR_MODULES: tuple[type, ...] = (
     nn.PReLU,
 )
 NONLINEAR_FUNCTIONS: tuple = (
-    TF.relu,
+    F.relu,
     torch.relu,
-    TF.relu6,
+    F.relu6,
     torch.sigmoid,
-    TF.sigmoid,
+    F.sigmoid,
     torch.tanh,
-    TF.tanh,
-    TF.gelu,
-    TF.silu,
-    TF.elu,
-    TF.leaky_relu,
-    TF.softplus,
-    TF.mish,
-    TF.hardtanh,
-    TF.hardswish,
-    TF.selu,
+    F.tanh,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.leaky_relu,
+    F.softplus,
+    F.mish,
+    F.hardtanh,
+    F.hardswish,
+    F.selu,
 )
 NONLINEAR_METHODS: tuple[str, ...] = ("relu", "sigmoid", "tanh")
 

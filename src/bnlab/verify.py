@@ -1,20 +1,33 @@
-"""``bnlab verify``: check this implementation on the user's own machine.
+"""The checks of ``bnlab verify``: this implementation, checked on the user's own machine.
 
-Runs, on the chosen device, gradcheck of the explicit backward, parity of
-outputs, gradients and running statistics with PyTorch's kernels, accuracy
-of low-precision inputs against the float64 result, and the paper's
-properties of the transform; prints a table with the largest errors.
+:func:`run_checks` runs, on the chosen device, gradcheck of the explicit backward,
+parity of outputs, gradients and running statistics with PyTorch's kernels, accuracy
+of low-precision inputs against the float64 result, and the paper's properties of the
+transform (:func:`transform_properties`); :func:`format_table` lays the results out
+with the largest errors. The command itself (parsing, printing, exit status) is
+``bnlab.commands.verify``.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+import bnlab.functional as BF
+import bnlab.nn as bnn
 from bnlab import backend
+
+__all__ = [
+    "DTYPES",
+    "TOLERANCES",
+    "CheckResult",
+    "format_table",
+    "run_checks",
+    "transform_properties",
+]
 
 # Absolute tolerances on unit-scale outputs/gradients per input dtype.
 TOLERANCES = {
@@ -84,18 +97,16 @@ def _parity_with_torch(ours_cls, ref_cls, shape, device, channels_last=False) ->
 
 def _dtype_accuracy(dtype: torch.dtype, device: str) -> float:
     """Max error of output and input gradient against float64 math on the same input."""
-    from bnlab import functional as F
-
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(32, 16, 8, 8, generator=gen, dtype=torch.float64).to(dtype).to(device)
     g = torch.randn(32, 16, 8, 8, generator=gen, dtype=torch.float64).to(dtype).to(device)
     w = (torch.rand(16, generator=gen) + 0.5).to(device)
     b = torch.randn(16, generator=gen).to(device)
     xl = x.clone().requires_grad_()
-    y = F.batch_norm(xl, None, None, w, b, training=True)
+    y = BF.batch_norm(xl, None, None, w, b, training=True)
     (gx,) = torch.autograd.grad(y, xl, g)
     x64 = x.double().requires_grad_()
-    y64 = F.batch_norm(x64, None, None, w.double(), b.double(), training=True)
+    y64 = BF.batch_norm(x64, None, None, w.double(), b.double(), training=True)
     (gx64,) = torch.autograd.grad(y64, x64, g.double())
     return _max_err([y, gx], [y64, gx64])
 
@@ -105,8 +116,6 @@ def _odd_layouts(device: str) -> float:
     (channels_last with odd strides on size-1 dims, N = 1 with an odd batch stride, a
     strided slice) against float64 math on a contiguous copy. torch 2.13's own CPU kernel
     gets the first of these wrong, so the reference is the formula, not torch."""
-    import bnlab.nn as bnn
-
     gen = torch.Generator().manual_seed(3)
 
     def randn(*shape):
@@ -144,12 +153,29 @@ def _odd_layouts(device: str) -> float:
 TINY_EPS = 1e-30
 
 
-def _properties(device: str) -> list[tuple[str, float]]:
-    from bnlab import functional as F
+def transform_properties(device: str = "cpu") -> dict[str, float]:
+    """The paper's properties of the transform, measured now in float64 on ``device``.
 
+    Each is exact in real arithmetic, so its value is the largest deviation that
+    rounding left (about 1e-15 when the implementation is right):
+
+    * ``"mean 0, variance 1 per channel (Alg. 1)"``: the training-mode output's
+      per-channel mean and biased variance against 0 and 1 (Algorithm 1, at
+      ``eps`` = 1e-30).
+    * ``"scale invariance (Sec. 3.3)"``: BN(W u) = BN((a W) u), with dl/du unchanged
+      and dl/d(aW) = dl/dW / a, for a = 3.7 (Section 3.3).
+    * ``"sum of dl/dx per channel = 0"``: the input gradient sums to 0 per channel,
+      as the closed-form backward of Section 3 implies.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``{property name: largest deviation}``, in the order above.
+    """
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(16, 5, 4, 4, generator=gen, dtype=torch.float64) * 7 - 3).to(device)
-    y = F.batch_norm(x, None, None, training=True, eps=TINY_EPS)
+    y = BF.batch_norm(x, None, None, training=True, eps=TINY_EPS)
     flat = y.transpose(0, 1).reshape(5, -1)
     moments = max(
         flat.mean(1).abs().max().item(), (flat.var(1, correction=0) - 1).abs().max().item()
@@ -160,7 +186,7 @@ def _properties(device: str) -> list[tuple[str, float]]:
     g = torch.randn(12, 4, generator=gen, dtype=torch.float64).to(device)
 
     def bn_of(weight):
-        return F.batch_norm(u @ weight.t(), None, None, training=True, eps=TINY_EPS)
+        return BF.batch_norm(u @ weight.t(), None, None, training=True, eps=TINY_EPS)
 
     y1, y2 = bn_of(w), bn_of(aw)
     gu1, gw = torch.autograd.grad(y1, (u, w), g)
@@ -168,14 +194,14 @@ def _properties(device: str) -> list[tuple[str, float]]:
     scale_inv = _max_err([y1, gu1, gw / 3.7], [y2, gu2, gaw])
     xg = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(
-        F.batch_norm(xg, None, None, training=True), xg, torch.randn_like(x)
+        BF.batch_norm(xg, None, None, training=True), xg, torch.randn_like(x)
     )
     grad_sums = gx.sum((0, 2, 3)).abs().max().item()
-    return [
-        ("mean 0, variance 1 per channel (Alg. 1)", moments),
-        ("scale invariance (Sec. 3.3)", scale_inv),
-        ("sum of dl/dx per channel = 0", grad_sums),
-    ]
+    return {
+        "mean 0, variance 1 per channel (Alg. 1)": moments,
+        "scale invariance (Sec. 3.3)": scale_inv,
+        "sum of dl/dx per channel = 0": grad_sums,
+    }
 
 
 def run_checks(device: str = "cpu", dtypes: list[str] | None = None) -> list[CheckResult]:
@@ -188,11 +214,6 @@ def run_checks(device: str = "cpu", dtypes: list[str] | None = None) -> list[Che
     Raises:
         ValueError: an unknown dtype, or CUDA requested but unavailable.
     """
-    from torch import nn
-
-    import bnlab.nn as bnn
-    from bnlab import functional as F
-
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but CUDA is not available here; use --device cpu")
     dtypes = dtypes or ["float32", "bfloat16"]
@@ -207,7 +228,7 @@ def run_checks(device: str = "cpu", dtypes: list[str] | None = None) -> list[Che
         x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
         w = torch.randn(shape[1], dtype=torch.float64, device=device, requires_grad=True)
         b = torch.randn(shape[1], dtype=torch.float64, device=device, requires_grad=True)
-        fn: Callable = lambda *a: F.batch_norm(a[0], None, None, a[1], a[2], training=True)  # noqa: E731
+        fn: Callable = lambda *a: BF.batch_norm(a[0], None, None, a[1], a[2], training=True)  # noqa: E731
         ok = torch.autograd.gradcheck(fn, (x, w, b), raise_exception=False)
         return ok and torch.autograd.gradgradcheck(fn, (x, w, b), raise_exception=False)
 
@@ -241,7 +262,7 @@ def run_checks(device: str = "cpu", dtypes: list[str] | None = None) -> list[Che
                 "output + dl/dx vs float64 math", name, _dtype_accuracy(dt, device), TOLERANCES[dt]
             )
         )
-    for name, err in _properties(device):
+    for name, err in transform_properties(device).items():
         results.append(CheckResult(name, "float64", err, tol64))
     return results
 
@@ -272,38 +293,3 @@ def format_table(results: list[CheckResult], device: str) -> str:
     failed = sum(not r.passed for r in results)
     out += ["", f"{len(results) - failed} passed, {failed} failed"]
     return "\n".join(out)
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        results = run_checks(args.device, args.dtype)
-    except ValueError as e:
-        print(f"bnlab verify: error: {e}")
-        return 2
-    print(format_table(results, args.device))
-    return 0 if all(r.passed for r in results) else 1
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "verify",
-        help="check this BN implementation against float64 and PyTorch on this machine",
-        description="Check bnlab's batch norm on this machine: gradcheck of the explicit "
-        "backward, parity with torch.nn.BatchNorm1d/2d/3d (outputs, gradients, running "
-        "statistics), low-precision accuracy against float64, and the paper's properties. "
-        "Exit status 0 when every check passes.",
-    )
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="device to run the checks on (default: cpu)",
-    )
-    p.add_argument(
-        "--dtype",
-        nargs="+",
-        choices=sorted(DTYPES),
-        default=None,
-        help="input dtypes to check against float64 (default: float32 bfloat16)",
-    )
-    p.set_defaults(func=_run)

@@ -18,7 +18,7 @@ Minimum traffic (what any implementation must move): the forward reads x once an
 writes y (2 tensors); forward+backward adds reading x and dy and writing dx (5); eval
 reads x and writes y (2). ``%2pass`` is the same against a two-pass kernel's traffic
 (statistics, then output, each reading the input from memory: 3 and 8 tensors; eval
-has one pass, 2), the issue's "two-pass limit".
+has one pass, 2), the "two-pass limit" (read x to sum, read it again to normalize).
 
 The implementations are timed round-robin (one call of each per round), so a busy
 host slows all of them alike; the headline is the ratio, never the absolute time.
@@ -42,7 +42,8 @@ from collections.abc import Callable
 
 from bnlab.commands import HelpFormatter, positive_int
 
-# (shape, channels_last) of the issue; the (60, 100) layer is the paper's MNIST network.
+# ResNet-like conv shapes, contiguous and channels_last, a wide FC layer, and the (60,
+# 100) layer of the paper's MNIST network.
 DEFAULT_SHAPES = [
     "64x64x56x56",
     "64x64x56x56:cl",
@@ -122,10 +123,10 @@ def copy_bandwidth(repeats: int) -> float:
 def bench_shape(shape, channels_last, impls, passes, repeats, dtype) -> dict:
     """Times of every (impl, pass) on one input: {(impl, pass): (median_s, iqr_s)}."""
     import torch
-    import torch.nn.functional as TF
+    import torch.nn.functional as F
 
+    import bnlab.functional as BF
     from bnlab import backend
-    from bnlab import functional as BF
 
     gen = torch.Generator().manual_seed(0)
     c = shape[1]
@@ -138,7 +139,7 @@ def bench_shape(shape, channels_last, impls, passes, repeats, dtype) -> dict:
     b = torch.zeros(c, requires_grad=True)
     rm, rv = torch.zeros(c), torch.ones(c)
     xg = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    fns = {"torch": TF.batch_norm, "compiled": BF.batch_norm, "pure": BF.batch_norm}
+    fns = {"torch": F.batch_norm, "compiled": BF.batch_norm, "pure": BF.batch_norm}
     modes = {"torch": backend.mode(), "compiled": "compiled", "pure": "torch"}
 
     def forward(impl, training=True):  # training=False: inference (the "eval" pass)
@@ -200,7 +201,7 @@ def _network(name: str):
 def bench_network(name: str, impls, repeats: int) -> dict:
     """Median time of one SGD training step per impl: {impl: (median_s, iqr_s)}."""
     import torch
-    import torch.nn.functional as TF
+    import torch.nn.functional as F
 
     from bnlab import backend
 
@@ -215,7 +216,7 @@ def bench_network(name: str, impls, repeats: int) -> dict:
         def run():
             with backend.using(mode):
                 opt.zero_grad(set_to_none=True)
-                TF.cross_entropy(net(x), target).backward()
+                F.cross_entropy(net(x), target).backward()
                 opt.step()
 
         return run
@@ -351,7 +352,8 @@ def add_parser(subparsers) -> None:
         type=parse_shape,
         default=[parse_shape(s) for s in DEFAULT_SHAPES],
         metavar="SHAPE",
-        help="input shapes NxCx..., ':cl' for channels_last (default: the issue's 8 cases)",
+        help="input shapes NxCx..., ':cl' for channels_last (default: 6 conv shapes, half "
+        "channels_last, and 2 fully connected)",
     )
     p.add_argument(
         "--threads", nargs="+", type=positive_int, default=[1, 2], help="torch CPU threads"

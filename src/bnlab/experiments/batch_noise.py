@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import (
+from bnlab.experiments.mnist_kit import (
     DATA_HELP,
     accuracy,
     check_data,

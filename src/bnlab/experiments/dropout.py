@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import (
+from bnlab.experiments.mnist_kit import (
     DATA_HELP,
     accuracy,
     check_data,

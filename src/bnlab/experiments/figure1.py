@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bnlab.data import load_mnist_dir
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import DATA_HELP, config_job, load_arrays
+from bnlab.experiments.mnist_kit import DATA_HELP, config_job, load_arrays
 from bnlab.insert import format_summary, insert_batchnorm, insertion_summary
 from bnlab.models import mnist_mlp
 from bnlab.stats.population import recompute_population_stats

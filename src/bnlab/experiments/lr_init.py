@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from bnlab.distributed import DistInfo
-from bnlab.experiments.mnist import (
+from bnlab.experiments.mnist_kit import (
     DATA_HELP,
     accuracy,
     check_data,

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from bnlab import probes
 from bnlab.distributed import DistInfo
 from bnlab.experiments import inception
-from bnlab.experiments.mnist import (
+from bnlab.experiments.mnist_kit import (
     DATA_HELP,
     accuracy,
     check_data,

@@ -1,7 +1,8 @@
 """Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
 
 The modules hold state (gamma, beta, running statistics) and the train/eval
-policy; all math is in :mod:`bnlab.functional`. Constructor arguments,
+policy; all math is in :mod:`bnlab.functional`, reached through the dispatcher
+that :func:`bnlab.functional.batch_norm` uses too. Constructor arguments,
 attribute names and state-dict keys are PyTorch's, so checkpoints load in
 both directions.
 
@@ -35,8 +36,7 @@ from torch.ao.quantization.fuser_method_mappings import (
     fuse_linear_bn,
 )
 
-from bnlab import functional as F
-from bnlab.autograd import batch_norm_train, batch_norm_train_step, normalize_by_stats
+import bnlab.functional as BF
 from bnlab.core import BatchNormShapeError
 
 __all__ = [
@@ -203,23 +203,6 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 )
         return state
 
-    def _momentum_for_step(self) -> float:
-        """Count this batch and return the momentum of its running-stat update.
-
-        PyTorch's convention: ``running = (1 - momentum) * running + momentum * batch``;
-        ``momentum=None`` is a cumulative average, momentum = 1 / num_batches_tracked.
-        """
-        if self.num_batches_tracked is None:  # removed by hand: torch's fallback
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            # Under vmap no data-dependent float(); under torch.jit.trace a float would be
-            # a constant of the trace: a tensor keeps 1 / count in the traced graph.
-            if _is_batched(self.num_batches_tracked) or torch._C._get_tracing_state():
-                return 1.0 / self.num_batches_tracked
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
     def _updates_running_stats(self) -> bool:
         """Training with running statistics, and not a checkpoint's recomputation."""
         return (
@@ -232,22 +215,43 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _update_running_stats(self, mu_b: Tensor, biased_var_b: Tensor, m: int) -> None:
         """Count the batch and fold its statistics into the running ones.
 
-        An empty batch (m = 0) is counted but changes no statistic, as in torch.
-        Channels whose batch statistics are not finite (fp16 overflow, a NaN in
-        the batch) keep their running statistics (``F.update_running_stats``
-        skips them), and the layer warns once, by name.
+        For the layers whose training forward is their own (ghost batches,
+        renormalization, cross-process statistics). PyTorch's momentum convention,
+        ``new = (1 - momentum) * old + momentum * batch``; ``momentum=None`` is the
+        cumulative average 1 / num_batches_tracked. An empty batch (m = 0) is counted
+        but changes no statistic, as in torch. Channels whose batch statistics are not
+        finite (fp16 overflow, a NaN in the batch) keep their running statistics
+        (:func:`bnlab.functional.update_running_stats` skips them), and the layer
+        warns once, by name.
         """
-        momentum = self._momentum_for_step()
-        if m == 0:
-            return
-        skipped = F.update_running_stats(
-            self.running_mean, self.running_var, mu_b, biased_var_b, m, momentum
+        skipped = BF._count_and_update(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            mu_b,
+            biased_var_b,
+            m,
+            self.momentum,
         )
-        if not getattr(self, "_warned_nonfinite", False) and not torch.compiler.is_compiling():
-            # One device-to-host sync per step until the layer has warned.
-            if not _is_batched(skipped) and bool(skipped.any()):  # vmap: no data-dependent if
-                self._warned_nonfinite = True
-                warn_nonfinite_stats(self, mu_b, biased_var_b)
+        self._warn_once_if_skipped(mu_b, biased_var_b, skipped)
+
+    def _warn_once_if_skipped(
+        self, mu_b: Tensor, biased_var_b: Tensor, skipped: Tensor | int | None
+    ) -> None:
+        """Warn, once per layer, that some channels kept their running statistics.
+
+        ``skipped`` as :func:`bnlab.functional._dispatch` returns it: the kernels'
+        count, the pure path's (C,) mask, or None (nothing updated).
+        """
+        if skipped is None or getattr(self, "_warned_nonfinite", False):
+            return
+        if not isinstance(skipped, int):
+            if torch.compiler.is_compiling() or _is_batched(skipped):
+                return  # no data-dependent if in a traced graph or under vmap
+            skipped = bool(skipped.any())  # one device-to-host sync per step until warned
+        if skipped:
+            self._warned_nonfinite = True
+            warn_nonfinite_stats(self, mu_b, biased_var_b, stacklevel=4)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this first: refuse with the fix, instead of
@@ -286,35 +290,27 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         weight, bias, running_mean, running_var = self._check_state_sizes()
         # Batch statistics in training, and in eval when no running ones are kept.
         use_batch_stats = self.training or (running_mean is None and running_var is None)
-        # Before any state changes; eps <= 0 is refused with batch statistics, as in torch.
-        F.check_batch_norm_input(input, self.training, self.eps if use_batch_stats else None)
-        F.check_batch_norm_state(  # torch's dtype rule, and both running statistics or none
+        # Before any state changes, as torch: one value per channel and eps <= 0 are refused
+        # wherever batch statistics are taken (eval without running statistics too), a
+        # negative eps everywhere (eps may be set after construction).
+        BF.check_batch_norm_input(input, use_batch_stats, self.eps)
+        BF.check_batch_norm_state(  # torch's dtype rule, and both running statistics or none
             input, weight, bias, running_mean, running_var, type(self).__name__
         )
-        if not use_batch_stats:  # Algorithm 2, step 11: the fixed affine map
-            if running_mean is None or running_var is None:  # one of them: F's error
-                return F.batch_norm(input, running_mean, running_var, weight, bias, False)
-            return normalize_by_stats(input, running_mean, running_var, weight, bias, self.eps)
-        updates = self._updates_running_stats()
-        step = batch_norm_train_step(  # one compiled call, where the kernels apply
+        if use_batch_stats and not self._updates_running_stats():
+            running_mean = running_var = None  # batch statistics only: nothing to update
+        y, mu_b, biased_var_b, skipped = BF._dispatch(
             input,
+            running_mean,
+            running_var,
             weight,
             bias,
-            running_mean if updates else None,
-            running_var if updates else None,
-            self._buffers.get("num_batches_tracked") if updates else None,
+            use_batch_stats,
             self.momentum,
             self.eps,
+            self._buffers.get("num_batches_tracked"),
         )
-        if step is not None:
-            y, mu_b, biased_var_b, n_skipped = step
-            if n_skipped and not getattr(self, "_warned_nonfinite", False):
-                self._warned_nonfinite = True
-                warn_nonfinite_stats(self, mu_b, biased_var_b)
-            return y
-        y, mu_b, biased_var_b = batch_norm_train(input, weight, bias, self.eps)
-        if updates:
-            self._update_running_stats(mu_b, biased_var_b, F.num_values_per_channel(input))
+        self._warn_once_if_skipped(mu_b, biased_var_b, skipped)
         return y
 
     def _load_from_state_dict(
@@ -438,12 +434,14 @@ def nonfinite_stats_message(name: str, mu_b: Tensor, biased_var_b: Tensor) -> st
     )
 
 
-def warn_nonfinite_stats(module: nn.Module, mu_b: Tensor, biased_var_b: Tensor) -> None:
+def warn_nonfinite_stats(
+    module: nn.Module, mu_b: Tensor, biased_var_b: Tensor, stacklevel: int = 3
+) -> None:
     """Warn that ``module`` skipped the running-statistics update of some channels."""
     warnings.warn(
         nonfinite_stats_message(_qualified_name(module), mu_b, biased_var_b),
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnlab import functional as F
+import bnlab.functional as BF
 from bnlab.autograd import batch_norm_train
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -125,9 +125,9 @@ class _GhostBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         state = self._check_state_sizes()
-        F.check_batch_norm_input(input, True, self.eps)
-        F.check_batch_norm_state(input, *state, type(self).__name__)
-        batches = F.virtual_batches(input, v)
+        BF.check_batch_norm_input(input, True, self.eps)
+        BF.check_batch_norm_state(input, *state, type(self).__name__)
+        batches = BF.virtual_batches(input, v)
         if len(batches) == 1:
             return super().forward(input)
         update = self._updates_running_stats()
@@ -135,7 +135,7 @@ class _GhostBatchNorm(_BatchNorm):
         for batch in batches:  # (v, C, *) each, the last possibly smaller
             y, mu_b, biased_var_b = batch_norm_train(batch, self.weight, self.bias, self.eps)
             if update:  # once per ghost batch, with its own count
-                self._update_running_stats(mu_b, biased_var_b, F.num_values_per_channel(batch))
+                self._update_running_stats(mu_b, biased_var_b, BF.num_values_per_channel(batch))
             outputs.append(y)
         return torch.cat(outputs, 0)  # (N, C, *), the input's memory format
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnlab import functional as F
+import bnlab.functional as BF
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -159,7 +159,7 @@ class _BatchRenorm(_BatchNorm):
         self.dmax_steps = int(dmax_steps)
 
     def _limits(self, step: Tensor | int, dtype: Any) -> tuple[Tensor, Tensor]:
-        return F.batch_renorm_limits(
+        return BF.batch_renorm_limits(
             step,
             self.rmax,
             self.dmax,
@@ -208,13 +208,13 @@ class _BatchRenorm(_BatchNorm):
         self._check_input_dim(input)
         state = self._check_state_sizes()
         self._check_moving_stats()
-        F.check_batch_norm_input(input, True, self.eps)
-        F.check_batch_norm_state(input, *state, type(self).__name__)
+        BF.check_batch_norm_input(input, True, self.eps)
+        BF.check_batch_norm_state(input, *state, type(self).__name__)
         # The limits of this step, from the module's own count (on the device, no sync).
         # A checkpoint's recomputation (torch.utils.checkpoint) sees the count and moving
         # statistics its original forward already updated, so its r and d can differ.
-        rmax, dmax = self._limits(self.num_batches_tracked + 1, F.compute_dtype(input.dtype))
-        y, mu_b, biased_var_b, _, _ = F.batch_renorm_train(
+        rmax, dmax = self._limits(self.num_batches_tracked + 1, BF.compute_dtype(input.dtype))
+        y, mu_b, biased_var_b, _, _ = BF.batch_renorm_train(
             input,
             self.weight,
             self.bias,
@@ -225,7 +225,7 @@ class _BatchRenorm(_BatchNorm):
             dmax,
         )
         if self._updates_running_stats():
-            self._update_running_stats(mu_b, biased_var_b, F.num_values_per_channel(input))
+            self._update_running_stats(mu_b, biased_var_b, BF.num_values_per_channel(input))
         return y
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnlab import functional as F
+import bnlab.functional as BF
 from bnlab.autograd import batch_stats, grad_sums, input_grad, normalize_by_stats
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from bnlab.nn.convert import (
@@ -121,9 +121,9 @@ def _collective(name: str, fn, world: int) -> None:
 
 def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     """(m, mean, biased variance) of this process's slice; zeros for an empty slice."""
-    m = F.num_values_per_channel(x)
+    m = BF.num_values_per_channel(x)
     if m == 0:
-        z = torch.zeros(x.shape[1], dtype=F.compute_dtype(x.dtype), device=x.device)
+        z = torch.zeros(x.shape[1], dtype=BF.compute_dtype(x.dtype), device=x.device)
         return 0, z, z.clone()
     mu, var = batch_stats(x)  # the compiled kernels on the CPU
     return m, mu, var
@@ -155,7 +155,7 @@ def global_moments(x: Tensor, group: Any = None, world_size: int | None = None):
         world_size,
     )
     g = torch.stack(gathered)  # (world, 1 + 2C): count, mean, biased variance per process
-    total, mean, biased_var = F.merge_moments(g[:, 0], g[:, 1 : c + 1], g[:, c + 1 :])
+    total, mean, biased_var = BF.merge_moments(g[:, 0], g[:, 1 : c + 1], g[:, c + 1 :])
     total = int(total.item())
     if total == 1:  # total 0: every slice is empty, an empty output as in torch
         raise ValueError(
@@ -269,8 +269,8 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         self._check_state_sizes()
         if not input.is_floating_point():
-            F.check_batch_norm_input(input, training=False)  # the dtype error
-        F.check_eps(self.eps, training=True)
+            BF.check_batch_norm_input(input, training=False)  # the dtype error
+        BF.check_eps(self.eps, training=True)
         _check_member(self.process_group)
         # The collective first, the state after: a failed all_gather changes nothing.
         y, mean, biased_var, total = SyncBatchNormFunction.apply(

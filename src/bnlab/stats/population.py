@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab import functional as F
+import bnlab.functional as BF
 from bnlab.graph import is_batchnorm
 from bnlab.nn.batchnorm import nonfinite_stats_message
 from bnlab.nn.sync import SyncBatchNorm, global_moments, group_size
@@ -94,11 +94,11 @@ class _Accumulator:
             # are the estimates).
             m, mu_b, biased_var_b = global_moments(x, self.group, self.world_size)
         else:
-            F.check_batch_norm_input(x, training=True)
-            m = F.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Sec. 3.2)
+            BF.check_batch_norm_input(x, training=True)
+            m = BF.num_values_per_channel(x)  # m' = N * spatial size for conv inputs (Sec. 3.2)
             if m == 0:
                 return  # an empty batch says nothing about the population
-            mu_b, biased_var_b = F.compute_batch_stats(x)
+            mu_b, biased_var_b = BF.compute_batch_stats(x)
         if m == 0:
             return  # every process's slice was empty
         finite = torch.isfinite(mu_b) & torch.isfinite(biased_var_b)
@@ -129,7 +129,7 @@ class _Accumulator:
 
     def _unbiased_vars(self) -> Tensor:
         # Algorithm 2, step 10, per batch: m/(m-1) sigma2_B.
-        return torch.stack([F.unbiased_var(v, m) for v, m in zip(self.biased_vars, self.counts)])
+        return torch.stack([BF.unbiased_var(v, m) for v, m in zip(self.biased_vars, self.counts)])
 
     def estimate(self, estimator: str) -> tuple[Tensor, Tensor]:
         if estimator == "paper":
@@ -138,7 +138,7 @@ class _Accumulator:
             w = self._weights()
             return (w * torch.stack(self.means)).sum(0), (w * self._unbiased_vars()).sum(0)
         # Pooled: mean and unbiased variance of all values of all batches together.
-        total, mean, biased = F.merge_moments(
+        total, mean, biased = BF.merge_moments(
             self._counts(), torch.stack(self.means), torch.stack(self.biased_vars)
         )
         return mean, biased * (total / (total - 1))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.data import load_mnist, load_mnist_dir
@@ -154,7 +154,7 @@ def mlp_job(
 
     def loss(logits: Tensor, y: Tensor) -> Tensor:
         # (b*S,) per-example losses -> (S,) sums: every copy gets its own gradient.
-        rows = TF.cross_entropy(logits.view(-1, 10), y.reshape(-1), reduction="none")
+        rows = F.cross_entropy(logits.view(-1, 10), y.reshape(-1), reduction="none")
         return rows.view(len(y), copies).sum(0)
 
     return TrainJob(
