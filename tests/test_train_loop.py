@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 
 from bnlab import backend
@@ -77,7 +77,7 @@ def _job(blowup: tuple = (), steps=40, eval_every=10, bound=math.inf) -> TrainJo
         return x[idx][rows], y[idx][rows]
 
     def loss(out, yb):
-        rows = TF.cross_entropy(out.reshape(-1, 2), yb.reshape(-1), reduction="none")
+        rows = F.cross_entropy(out.reshape(-1, 2), yb.reshape(-1), reduction="none")
         return rows.view(len(yb), 2).sum(0)
 
     def evaluate(m):

@@ -10,6 +10,9 @@ Algorithm 2 (training a batch-normalized network) at the top level:
     fold_batchnorm              step 11: inference BN folded into neighbouring layers
     freeze_batchnorm / unfreeze_batchnorm
 
+    accumulate                  gradient accumulation: one running-statistics update per
+                                optimizer step, from the merged micro-batches
+
 The top-level names are imported on first use, so ``import bnlab`` is cheap.
 """
 
@@ -25,6 +28,9 @@ _LAZY = {
     "fold_batchnorm": "bnlab.fold",
     "freeze_batchnorm": "bnlab.freeze",
     "unfreeze_batchnorm": "bnlab.freeze",
+    # The module is bnlab.accumulation, not bnlab.accumulate: importing a submodule sets
+    # the package attribute of its name, which would then shadow the function.
+    "accumulate": "bnlab.accumulation",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -35,6 +35,7 @@ from bnlab.experiments import (
     batch_noise,
     batch_size,
     dropout,
+    ema_vs_precise,
     figure1,
     inception,
     lr_init,
@@ -45,6 +46,7 @@ from bnlab.report import ReportError
 from bnlab.report import batch_noise as batch_noise_report
 from bnlab.report import batch_size as batch_size_report
 from bnlab.report import dropout as dropout_report
+from bnlab.report import ema_vs_precise as ema_vs_precise_report
 from bnlab.report import figure1 as figure1_report
 from bnlab.report import inception as inception_report
 from bnlab.report import lr_init as lr_init_report
@@ -166,6 +168,14 @@ EXPERIMENTS: dict[str, Experiment] = {
             "BN's batch-statistics noise against the sampling formulas and the shift it removes",
             batch_noise,
             batch_noise_report,
+        ),
+        Experiment(
+            "ema-vs-precise",
+            "ema_vs_precise",
+            "Evaluating with moving averages (EMA) or precise BN statistics, at a small and a "
+            "large batch size (Wu & Johnson 2021)",
+            ema_vs_precise,
+            ema_vs_precise_report,
         ),
     )
 }

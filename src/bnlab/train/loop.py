@@ -12,6 +12,10 @@ rest, the same way for every experiment:
   continues exactly where an uninterrupted run would be (the per-step random
   state is derived from the step, so dropout needs no saved RNG);
 - a progress bar;
+- optionally, precise BN statistics at every evaluation (``TrainJob.precise_bn``):
+  population statistics recomputed from training batches (Algorithm 2, steps
+  8-10) and a second evaluation with them, beside the one with the moving
+  averages (EMA);
 - data parallelism under ``torchrun``: every process takes its slice of each
   global mini-batch, BN statistics are global (SyncBatchNorm) or per process
   ("ghost"), DDP averages gradients, rank 0 alone evaluates and writes;
@@ -42,11 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bnlab.distributed import DistInfo, prepare_model, shard
+from bnlab.graph import is_batchnorm
 from bnlab.nn.sync import revert_sync_batchnorm
 from bnlab.run_folder import (
     CheckpointError,
@@ -56,9 +61,18 @@ from bnlab.run_folder import (
     save_checkpoint,
     to_strict_json,
 )
+from bnlab.stats.population import recompute_population_stats
 from bnlab.train.schedule import BatchSchedule
 
-__all__ = ["TrainJob", "TrainResult", "evaluation", "make_sgd", "train", "train_distributed"]
+__all__ = [
+    "TrainJob",
+    "TrainResult",
+    "evaluation",
+    "make_sgd",
+    "precise_bn_fields",
+    "train",
+    "train_distributed",
+]
 
 _NEVER = 2**62  # "no bad step yet" in the per-copy divergence tensor (reduced with MIN)
 _ALL = slice(None)  # every row of a batch: a single process
@@ -95,6 +109,19 @@ class TrainJob:
             record, called in training mode with autograd on, before step ``step``
             trains (single-process runs only). It must leave the model, its
             optimizer and the random state as it found them (see :mod:`bnlab.probes`).
+        precise_bn: at every evaluation (step ``s``), also evaluate with precise BN
+            statistics: population statistics (Algorithm 2, steps 8-10,
+            :func:`bnlab.recompute_population_stats`, the paper's estimator) from the
+            ``precise_bn`` training batches ``batch(s), batch(s + 1), ...`` (so
+            ``batch`` must accept steps up to ``steps + precise_bn - 1``), with the
+            weights of step ``s``; ``evaluate``'s fields are then recorded a second
+            time, prefixed ``precise_``. 0 (the default): off. As Wu & Johnson (2021,
+            "Rethinking 'Batch' in BatchNorm", Section 3) recommend, precise
+            statistics replace the moving averages (EMA) for evaluation only: the
+            EMA running statistics are restored after it, so training, checkpoints
+            and a resumed run continue from the EMA exactly as without precise BN.
+            After the last step the model keeps the precise statistics (``finalize``,
+            the final checkpoint and the returned model use them).
     """
 
     name: str
@@ -113,6 +140,7 @@ class TrainJob:
     divergence_bound: float = math.inf
     seed: int = 0
     probe: Callable[[nn.Module, int], dict] | None = None
+    precise_bn: int = 0
 
 
 @dataclass
@@ -199,6 +227,47 @@ def evaluate_job(job: TrainJob, step: int, probe: bool = True) -> dict:
     return fields
 
 
+def precise_bn_fields(
+    job: TrainJob, step: int, rows: slice = _ALL, main: bool = True, keep: bool = False
+) -> dict:
+    """``job.evaluate`` with precise BN statistics, its fields prefixed ``precise_``.
+
+    Recomputes every BN layer's population statistics (Algorithm 2, steps 8-10) from
+    the ``job.precise_bn`` training batches of steps ``step, step + 1, ...`` with the
+    current weights, evaluates (in eval mode, without autograd), then puts the moving
+    averages (EMA) back, unless ``keep``. Under torch.distributed every process must
+    call it (a SyncBatchNorm's statistics span every process's ``rows``); only ``main``
+    evaluates.
+
+    Returns:
+        ``{"precise_" + name: value}`` for ``job.evaluate``'s fields; empty unless ``main``.
+    """
+    model = job.model
+    ema = [
+        (m, m.running_mean.clone(), m.running_var.clone())
+        for m in model.modules()
+        if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None
+    ]
+    try:
+        recompute_population_stats(
+            model,
+            (job.batch(step + i, rows) for i in range(job.precise_bn)),
+            job.precise_bn,
+            progress=False,
+        )
+        fields = {}
+        if main:
+            with evaluation(model):
+                fields = {f"precise_{k}": v for k, v in job.evaluate(model).items()}
+    finally:
+        if not keep:
+            with torch.no_grad():
+                for m, mean, var in ema:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+    return fields
+
+
 def _bar_size() -> dict:
     """tqdm's ``ncols``/``nrows``: the terminal's, or 100 x 40 where the terminal reports
     a size of 0, as a pseudo-terminal without a size does (``script``, ``ssh -T``, some
@@ -254,6 +323,12 @@ def train(
     """
     info = info or DistInfo()
     main, world = info.is_main, info.world_size
+    if isinstance(job.precise_bn, bool) or not (
+        isinstance(job.precise_bn, int) and job.precise_bn >= 0
+    ):
+        raise ValueError(
+            f"TrainJob.precise_bn must be a number of batches >= 0 (0: off), got {job.precise_bn!r}"
+        )
     parent = os.getppid()
     log_path = ckpt_path = None
     if work is not None:
@@ -282,8 +357,10 @@ def train(
                 on_record(r)
 
     def log_eval(step: int, train_loss: float | None) -> None:
+        fields = evaluate_job(job, step, probe=world == 1) if main else {}
+        if job.precise_bn:  # every process: SyncBatchNorm statistics span them all
+            fields.update(precise_bn_fields(job, step, rows, main, keep=step == job.steps))
         if main:
-            fields = evaluate_job(job, step, probe=world == 1)
             write(
                 [
                     {
@@ -509,7 +586,7 @@ def train_distributed(
         batch_size=batch_size,
         copies=1,
         batch=batch,
-        loss=lambda out, yb: TF.cross_entropy(out, yb, reduction="sum").view(1),
+        loss=lambda out, yb: F.cross_entropy(out, yb, reduction="sum").view(1),
         evaluate=lambda m: {},
         eval_every=log_every or steps,
         checkpoint_every=steps,
