@@ -1,11 +1,13 @@
 """The experiments beyond the paper's figures, end to end on tiny settings."""
 
 import json
+import shutil
 
 import pytest
 
 from bnlab.cli import main
 from bnlab.experiments import lr_init
+from test_report import check_report_markdown  # what every report.md must look like
 
 TINY = ["--steps", "30", "--seeds", "2", "--eval-every", "10", "--quiet"]
 
@@ -240,3 +242,34 @@ def test_claims_written_into_a_run_folder_leave_its_report_alone(runs, tmp_path)
     assert main(["claims", str(run), "--out", str(run)]) == 0
     assert (run / "report.md").read_text() == before
     assert (run / "claims.md").exists() and (run / "claims.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,title,sections",
+    [
+        ("lr-init", "# Section 3.3: higher learning rates and less careful initialization",
+         ["## Verdicts", "## What was run", "## Every cell"]),
+        ("dropout", "# Section 3.4: does Batch Normalization regularize?",
+         ["## Verdicts", "## Our numbers (last evaluation)", "## What was run"]),
+        ("shift", "# Internal covariate shift, measured",
+         ["## Verdicts", "## Our numbers (probe levels: mean over the evaluations after step 0)",
+          "## What was run"]),
+        ("bs", "# BN as the mini-batch shrinks",
+         ["## Verdicts", "## Final test accuracy", "## What was run"]),
+    ],
+)  # fmt: skip
+def test_report_md_of_each_tiny_run_is_its_template_filled_in(runs, tmp_path, name, title,
+                                                               sections):  # fmt: skip
+    run = tmp_path / name
+    shutil.copytree(runs / name, run)
+    md = (run / "report.md").read_text()
+    check_report_markdown(md)
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert headings == [title, *sections]
+    # Rebuilt from the records alone, the report says exactly the same.
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == md
+    for verdict in _summary(run)["verdicts"]:  # the verdict table: one row per verdict
+        assert f"\n| {verdict['title']} | **" in md, verdict["title"]

@@ -3,10 +3,28 @@
 import json
 import math
 import re
+from pathlib import Path
 
+import jinja2
 import pytest
 
+from bnlab.report import (
+    batch_noise,
+    batch_size,
+    dropout,
+    figure1,
+    inception,
+    lr_init,
+    shift,
+)
 from bnlab.report.figure1 import ReportError, build_report, mean_std_ci, summarize
+from bnlab.report.render import TEMPLATES, render_template
+from bnlab.report.stats import fmt_pct, fmt_steps
+
+# every report whose prose is a template, by the template's name
+REPORTS = {"figure1.md.j2": figure1, "inception.md.j2": inception, "lr_init.md.j2": lr_init,
+           "dropout.md.j2": dropout, "shift.md.j2": shift, "batch_size.md.j2": batch_size,
+           "batch_noise.md.j2": batch_noise}  # fmt: skip
 
 CONFIG = {"thresholds": [0.9, 0.95], "unit": 0}
 
@@ -172,3 +190,72 @@ def test_report_refuses_incomplete_records(tmp_path):
     )
     with pytest.raises(ReportError, match="no evaluation records for arm 'bn'"):
         build_report(tmp_path)
+
+
+def check_report_markdown(md: str) -> None:
+    """What every report.md rendered from its template must look like: a title, no
+    template syntax left, no runs of blank lines, one final newline, tables whose rows
+    have as many cells as their header, and no citation of documents users do not have."""
+    assert md.startswith("# ") and md.endswith("\n") and not md.endswith("\n\n"), md[-200:]
+    assert "\n\n\n" not in md
+    for residue in ("{{", "}}", "{%", "%}", "{#", "#}"):
+        assert residue not in md, residue
+    for internal in ("PAPER.md", "the review", "review's", "the issue"):
+        assert internal not in md, internal
+    lines = md.split("\n")
+    for k, line in enumerate(lines):
+        if line.startswith("|") and (k == 0 or not lines[k - 1].startswith("|")):
+            header = line.strip("| ").split(" | ")
+            assert lines[k + 1] == "|" + "---|" * len(header), (line, lines[k + 1])
+            for row in lines[k + 2 :]:
+                if not row.startswith("|"):
+                    break
+                assert len(row.strip("| ").split(" | ")) == len(header), (line, row)
+
+
+def test_every_report_renders_from_its_template_strictly():
+    names = sorted(p.name for p in TEMPLATES.glob("*.j2") if not p.name.startswith("_"))
+    assert names == sorted(REPORTS)  # one template per report, none left over
+    for name, module in REPORTS.items():
+        assert f'"{name}"' in Path(module.__file__).read_text(), name  # the module renders it
+        # StrictUndefined: a name the context lacks is an error, never an empty string
+        with pytest.raises(jinja2.UndefinedError):
+            render_template(name)
+        with pytest.raises(jinja2.UndefinedError):
+            render_template(name, summary={}, config={"preset": "cpu"}, env={})
+
+
+def test_report_md_of_a_tiny_run_is_its_template_filled_in(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {**CONFIG, "data": None, "steps": 300, "batch_size": 60, "momentum": 0.9,
+              "lr": 0.01, "init_std": 0.01, "seeds": 3, "eval_every": 100,
+              "population_batches": 3, "preset": "cpu"}  # fmt: skip
+    (run / "config.json").write_text(json.dumps({"experiment": "figure1", "config": config}))
+    records = _records(BASE3, BN3)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = build_report(run)
+    md = (run / "report.md").read_text()
+    check_report_markdown(md)
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert headings == [
+        "# Figure 1 reproduction (Section 4.1): MNIST with and without Batch Normalization",
+        "## What was run",
+        "## Our numbers",
+        "## Beside the paper",
+    ]
+    assert "**Smoke test" not in md and "**Diverged" not in md  # the cpu preset, no divergence
+    # the numbers are the summary's, formatted by report.stats
+    base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
+    row = (
+        "| final test accuracy (moving-average BN statistics) | "
+        f"{fmt_pct(base['final_test_acc'])} | {fmt_pct(bn['final_test_acc'])} |"
+    )
+    assert row in md
+    for thr in CONFIG["thresholds"]:
+        steps = bn["steps_to_threshold"][str(thr)]
+        assert f"| steps to {100 * thr:.0f}% test accuracy (per seed) | " in md
+        assert f"| {fmt_steps(steps)} |" in md
+    assert "- **Training:** 300 steps, mini-batches of 60, SGD with momentum 0.9" in md
+    assert md.count("\n| ") >= 3 + len(summary["verdicts"])
+    assert md.endswith("for that.\n")  # the packaged-data note closes it

@@ -23,13 +23,11 @@ import numpy as np
 
 from bnlab.report import ReportError
 from bnlab.report.render import (
-    environment_line,
-    markdown_table,
+    recorded_arms,
+    render_template,
     report_from_records,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
 )
 from bnlab.report.stats import (
     Verdict,
@@ -37,8 +35,6 @@ from bnlab.report.stats import (
     diverged_copies,
     eval_curves,
     fmt_diverged,
-    fmt_num,
-    fmt_pct,
     geometric_ci,
     judge,
     mean_std_ci,
@@ -68,17 +64,23 @@ MEASURES = (
     "step_shift",
     "interval_shift",
 )
-PAPER_CLAIMS = [
-    "Section 3 (Algorithm 1): each mini-batch produces estimates of the mean and variance of "
-    "each activation; the normalized activations are computed with these batch statistics.",
-    "Sections 1-2: normalizing layer inputs reduces internal covariate shift. The review "
-    "(PAPER.md Section 9): mini-batch statistics are noisy, and the paper never shows that "
-    "this reduces shift rather than reparameterizing it.",
-]
 
 
-def _arms(config: dict) -> list[str]:
-    return [f"bn-m{m}" for m in config["batch_sizes"]]
+def _arms(records: list[dict], config: dict) -> list[str]:
+    """The recorded arms (one per mini-batch size m, ``bn-m60``), in the order of the
+    config's ``batch_sizes``, any others after them.
+
+    Raises:
+        ReportError: a batch size of the config has no evaluation records.
+    """
+    order = [f"bn-m{m}" for m in config["batch_sizes"]]
+    arms = recorded_arms(records, order)
+    for arm in order:
+        if arm not in arms:
+            raise ReportError(
+                f"no evaluation records for arm {arm!r}; the run is incomplete (resume it)"
+            )
+    return arms
 
 
 def interval_shift(
@@ -139,7 +141,7 @@ def _later(steps: np.ndarray) -> np.ndarray:
 def summarize(records: list[dict], config: dict) -> dict:
     """Per arm and BN layer: each measure's level, and the noise/shift ratios."""
     out: dict = {"arms": {}, "lines": {}}
-    for arm in _arms(config):
+    for arm in _arms(records, config):
         c = _curves(records, arm)
         later = _later(c["steps"])
         layers = {}
@@ -204,7 +206,8 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     fig, axes = subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     (ax_mu, ax_var, ax_noise), (ax_step, ax_int, ax_ratio) = axes
     layer_handles: dict[str, object] = {}
-    for j, arm in enumerate(_arms(config)):
+    arms = _arms(records, config)
+    for j, arm in enumerate(arms):
         c = _curves(records, arm)
         steps, m = c["steps"], int(arm.removeprefix("bn-m"))
         style = ARM_STYLES[j % len(ARM_STYLES)]
@@ -254,7 +257,7 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     arm_handles = [
         ax_mu.plot([], [], ARM_STYLES[j % len(ARM_STYLES)], color="black", label=f"m={m}")[0]
-        for j, m in enumerate(config["batch_sizes"])
+        for j, m in enumerate(int(arm.removeprefix("bn-m")) for arm in arms)
     ]
     ax_mu.legend(
         list(layer_handles.values()) + arm_handles,
@@ -272,10 +275,6 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _fmt(d: dict) -> str:
-    return fmt_num(d)
-
-
 def _by_layer(summary: dict, key: str) -> str:
     parts = []
     for a in summary["arms"].values():
@@ -285,7 +284,7 @@ def _by_layer(summary: dict, key: str) -> str:
 
 
 def _verdicts(summary: dict, config: dict) -> list[Verdict]:
-    """The report's verdicts (the review's objection, beyond the paper's own claims),
+    """The report's verdicts (a question the paper leaves open, beyond its own claims),
     decided by ``stats.judge`` per arm and BN layer on the seeds' levels (geometric
     intervals: the ratios span orders of magnitude) and combined: every layer must hold."""
     lo, hi = FORMULA_BAND
@@ -382,136 +381,12 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
-    formula_rows, noise_rows = [], []
-    for a in summary["arms"].values():
-        for name, d in a["layers"].items():
-            formula_rows.append(
-                (
-                    a["batch_size"],
-                    name,
-                    _fmt(d["ratio_mu"]),
-                    _fmt(d["iid_ratio_mu"]),
-                    _fmt(d["ratio_var"]),
-                    _fmt(d["iid_ratio_var"]),
-                    f"{_fmt(d['rel_sd_mu'])} ({d['pred_rel_sd_mu']['mean']:.3g})",
-                    f"{_fmt(d['rel_sd_var'])} ({d['pred_rel_sd_var']['mean']:.3g})",
-                    f"{d['kurtosis']['mean']:.3g}",
-                )
-            )
-            noise_rows.append(
-                (
-                    a["batch_size"],
-                    name,
-                    _fmt(d["noise_own"]),
-                    _fmt(d["noise_total"]),
-                    _fmt(d["step_shift"]),
-                    _fmt(d["interval_shift"]),
-                    _fmt(d["noise_per_step_shift"]),
-                    _fmt(d["noise_per_interval_shift"]),
-                )
-            )
-    acc_rows = [
-        (
-            a["batch_size"],
-            fmt_pct(a["final_test_acc"]),
-            f"{a['steps_completed']:,}",
-            a["diverged"] or "no",
-        )
-        for a in summary["arms"].values()
-    ]
-    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
-    init = "Glorot normal" if config["init"] == "glorot" else f"N(0, {config['init']}²)"
-    seeds = config["seeds"]
-    return "\n".join(
-        [
-            "# BN's batch-statistics noise against the shift it removes",
-            "",
-            *smoke_banner(config),
-            *[f"- {c}" for c in PAPER_CLAIMS],
-            "",
-            "![batch statistics and noise over training](batch_noise.png)",
-            "",
-            "## Verdicts",
-            "",
-            verdict_table(summary["verdicts"]),
-            "",
-            f"## Batch statistics against the sampling formulas (mean over the evaluations "
-            f"after step 0; ± std over {seeds} seed(s))",
-            "",
-            markdown_table(
-                [
-                    "m",
-                    "layer",
-                    "Var(mu_B) / formula",
-                    "same, i.i.d. rows",
-                    "Var(sigma2_B) / formula",
-                    "same, i.i.d. rows",
-                    "sd(mu_B)/sigma (formula)",
-                    "sd(sigma2_B)/sigma² (formula)",
-                    "kurtosis mu_4/sigma⁴",
-                ],
-                formula_rows,
-            ),
-            "",
-            "## Noise against removed shift (normalized units; ratios: median over evaluations)",
-            "",
-            markdown_table(
-                [
-                    "m",
-                    "layer",
-                    "noise, own statistics",
-                    "noise, with earlier layers'",
-                    "shift per step",
-                    f"shift per {config['eval_every']:,} steps",
-                    "noise / shift per step",
-                    f"noise / shift per {config['eval_every']:,} steps",
-                ],
-                noise_rows,
-            ),
-            "",
-            "## Training",
-            "",
-            markdown_table(["m", "final test acc.", "steps", "diverged"], acc_rows),
-            "",
-            "## What was measured",
-            "",
-            f"- **Population:** a fixed random {config['population_examples']:,} training images "
-            "(at most the training set), run through the network as one batch in training mode, "
-            "so every BN normalizes with the population's statistics; per unit its mean mu, "
-            "biased variance sigma² and fourth central moment mu_4.",
-            f"- **Batch statistics:** at every evaluation, {config['draws']} mini-batches of m "
-            "images drawn i.i.d. from the population (a generator seeded by the step), each run "
-            "through the network in training mode, as in a training step. Var(mu_B) and "
-            "Var(sigma2_B) across them, per unit, against sigma²/m and "
-            "(m−1)²/m³ (mu_4 − (m−3)/(m−1) sigma⁴), the exact i.i.d. variance of the biased "
-            "batch variance, ≈ (mu_4 − sigma⁴)/m. Ratios are averaged over units. *i.i.d. "
-            "rows*: the same batches' rows of the population (earlier BN layers at population "
-            "statistics), for which the formulas hold by construction.",
-            "- **Noise BN injects:** per unit, the mean over the batches' elements of "
-            "(x̂_batch − x̂_pop)², x̂_batch = (x − mu_B)/sqrt(sigma2_B + eps), "
-            "x̂_pop = (x − mu)/sqrt(sigma² + eps). *Own statistics*: the same x in both; *with "
-            "earlier layers'*: x̂_pop of the example's population-mode input, so the noise "
-            "passed on by earlier BN layers counts too. About (1 + (kurtosis − 1)/4)/m for "
-            "independent rows.",
-            "- **Shift BN removes:** the BN input's per-unit mean and variance moving from "
-            "(mu, v) to (mu', v'); normalizing the new input with the stale statistics leaves "
-            "E(x̂_stale − x̂_new)² = (mu' − mu)²/(v + eps) + v' (1/sqrt(v + eps) − "
-            "1/sqrt(v' + eps))², the error in the same units as the noise. *Per step*: the "
-            "step's update applied to a copy of the model and optimizer, population statistics "
-            f"before and after. *Per {config['eval_every']:,} steps*: population statistics of "
-            "consecutive evaluations. Both are averaged over units.",
-            "- **Small** means noise / shift below 1 in every layer. The noise is drawn afresh "
-            "at every step and does not accumulate; the shift is systematic and accumulates "
-            "over steps, so the interval comparison is the one that weighs the two over "
-            "training, the per-step one what a single update sees.",
-            f"- **Network and training:** the Figure 1 network (784-100-100-100-10, sigmoid) "
-            f"with BN before each sigmoid, {init} weights; {config['steps']:,} steps, SGD lr "
-            f"{config['lr']} momentum {config['momentum']}; {seeds} seed(s) per batch size; "
-            f"probes every {config['eval_every']:,} steps (they leave training bit-identical).",
-            f"- **Data:** {data}.",
-            environment_line(env),
-            "",
-        ]
+    """report.md: the words are templates/batch_noise.md.j2's."""
+    return render_template(
+        "batch_noise.md.j2",
+        summary=summary,
+        config=config,
+        env=env,
     )
 
 
@@ -528,6 +403,6 @@ def build_report(run_dir: str | Path) -> dict:
     )
 
 
-# For `bnlab claims`: the figure of this run's verdicts (the review's objection, beyond
-# the paper's own claims: they go to the further table).
+# For `bnlab claims`: the figure of this run's verdicts (a question the paper leaves open,
+# beyond its own claims: they go to the further table).
 FIGURE = "batch_noise.png"

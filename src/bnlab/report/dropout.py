@@ -13,13 +13,11 @@ import numpy as np
 
 from bnlab.report import ReportError
 from bnlab.report.render import (
-    environment_line,
-    markdown_table,
+    recorded_arms,
+    render_template,
     report_from_records,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
 )
 from bnlab.report.stats import (
     Verdict,
@@ -37,7 +35,8 @@ from bnlab.report.stats import (
 __all__ = ["FILES", "build_report", "summarize"]
 
 FILES = ["summary.json", "dropout.png", "report.md", "report.html"]
-ARMS = ("none", "none+dropout", "bn", "bn+dropout")
+# The four arms: with and without BN, each with and without dropout, in the order the
+# report shows them.
 LABELS = {
     "none": "without BN",
     "none+dropout": "without BN, dropout",
@@ -45,22 +44,28 @@ LABELS = {
     "bn+dropout": "with BN, dropout",
 }
 COLORS = {"none": "#1f77b4", "none+dropout": "#17becf", "bn": "#d62728", "bn+dropout": "#ff7f0e"}
-PAPER_CLAIMS = [
-    "Section 3.4: a training example is seen in conjunction with other examples in the "
-    "mini-batch, so the network no longer produces deterministic values for it; this "
-    "regularizes, and in a Batch-Normalized network Dropout can be removed or reduced.",
-    "Section 4.2.1: removing Dropout from BN-Inception does not hurt, and speeds up training.",
-]
+
+
+def _arms(records: list[dict]) -> list[str]:
+    """The recorded arms, in ``LABELS``' order.
+
+    Raises:
+        ReportError: one of the four arms the comparisons need has no evaluation records.
+    """
+    arms = recorded_arms(records, LABELS)
+    for arm in LABELS:
+        if arm not in arms:
+            raise ReportError(
+                f"no evaluation records for arm {arm!r}; the run is incomplete (resume it)"
+            )
+    return arms
 
 
 def summarize(records: list[dict], config: dict) -> dict:
     """Final test accuracy and generalization gap per arm; dropout's gain with and without BN."""
     out: dict = {"arms": {}}
-    for arm in ARMS:
-        try:
-            c = eval_curves(records, arm, ["test_acc", "train_acc"])
-        except ValueError as e:
-            raise ReportError(f"{e}; the run is incomplete (resume it)") from e
+    for arm in _arms(records):
+        c = eval_curves(records, arm, ["test_acc", "train_acc"])
         test, train = c["test_acc"][-1], c["train_acc"][-1]
         out["arms"][arm] = {
             "final_test_acc": mean_std_ci(list(test), bounds=(0, 1)),
@@ -81,7 +86,7 @@ def summarize(records: list[dict], config: dict) -> dict:
 
 def _figure(records: list[dict], config: dict, path: Path) -> None:
     fig, (ax_acc, ax_gap) = subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for arm in ARMS:
+    for arm in _arms(records):
         c = eval_curves(records, arm, ["test_acc", "train_acc"])
         steps = c["steps"]
         for ax, values in ((ax_acc, c["test_acc"]), (ax_gap, c["train_acc"] - c["test_acc"])):
@@ -160,51 +165,13 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
-    rows = [
-        (
-            LABELS[arm],
-            a["test_text"],
-            fmt_pct(a["final_train_acc"]),
-            a["gap_text"],
-            a["diverged"] or "no",
-        )
-        for arm, a in summary["arms"].items()
-    ]
-    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
-    init = "Glorot normal" if config["init"] == "glorot" else f"N(0, {config['init']}²)"
-    return "\n".join(
-        [
-            "# Section 3.4: does Batch Normalization regularize?",
-            "",
-            *smoke_banner(config),
-            *[f"- Paper: {c}" for c in PAPER_CLAIMS],
-            "",
-            "![BN and dropout](dropout.png)",
-            "",
-            "## Verdicts",
-            "",
-            verdict_table(summary["verdicts"]),
-            "",
-            "## Our numbers (last evaluation)",
-            "",
-            markdown_table(
-                ["arm", "test accuracy", "train accuracy", "gap (train - test)", "diverged"],
-                rows,
-            ),
-            "",
-            "## What was run",
-            "",
-            f"- **Data:** {data}; train accuracy on a fixed random "
-            f"{config['train_eval_examples']:,} of the training images.",
-            f"- **Network:** the Figure 1 network (784-100-100-100-10, sigmoid), {init} initial "
-            f"weights; dropout p = {config['dropout']} after each hidden sigmoid in the dropout "
-            "arms; BN before each sigmoid in the BN arms. Every arm starts from the same weights.",
-            f"- **Training:** {config['steps']:,} steps, batch {config['batch_size']}, SGD lr "
-            f"{config['lr']} momentum {config['momentum']}; {config['seeds']} seed(s) per arm "
-            "(mean ± std with the 95% t-interval and n; fewer than 3 seeds: each seed's value).",
-            environment_line(env),
-            "",
-        ]
+    """report.md: the words are templates/dropout.md.j2's."""
+    return render_template(
+        "dropout.md.j2",
+        summary=summary,
+        config=config,
+        env=env,
+        labels=LABELS,
     )
 
 

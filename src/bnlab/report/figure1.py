@@ -4,8 +4,9 @@
 ``metrics.jsonl`` and writes ``summary.json``, ``figure1.png``, ``report.md``
 and a self-contained ``report.html`` (``FILES``); ``bnlab.report.build_report``
 dispatches here for runs whose config.json says ``"experiment": "figure1"``.
-Only what is Figure 1's own lives here (its curves, summary keys, claims, figure
-layout and Markdown); statistics are in ``report.stats``, rendering in ``report.render``.
+Only what is Figure 1's own lives here (its curves, summary keys, claims and figure
+layout); its words are ``templates/figure1.md.j2``, statistics are in ``report.stats``,
+rendering in ``report.render``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import numpy as np
 
 from bnlab.report import ReportError, read_run
 from bnlab.report.render import (
-    markdown_table,
+    recorded_arms,
+    render_template,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
     write_documents,
 )
 from bnlab.report.stats import (
@@ -46,17 +46,15 @@ __all__ = ["FILES", "ReportError", "build_report", "mean_std_ci", "summarize"]
 
 # what build_report writes into the run folder, in order
 FILES = ("summary.json", "figure1.png", "report.md", "report.html")
-ARMS = ("baseline", "bn")
+# The two arms Figure 1 compares, in the order the report shows them.
 ARM_LABELS = {"baseline": "Without BN", "bn": "With BN"}
 ARM_COLORS = {"baseline": "#d62728", "bn": "#1f77b4"}
-
-PAPER_CLAIMS = [
-    "Figure 1(a): the BN network trains faster and reaches higher test accuracy.",
-    "Figure 1(b, c): without BN the sigmoid input's distribution (15th/50th/85th percentiles) "
-    "drifts in mean and spread; with BN it is much more stable.",
-    "No numbers are given; a public PyTorch reproduction (same settings as ours) reports "
-    "94.92% without and 98.15% with BN after 50,000 steps.",
-]
+# Figure 1(b, c)'s three percentiles of the sigmoid input: (record key, label, line style)
+PERCENTILES = (
+    ("p85", "85th percentile", "--"),
+    ("p50", "50th percentile (median)", "-"),
+    ("p15", "15th percentile", ":"),
+)
 
 
 ABOVE_CHANCE = 0.2  # twice the chance accuracy of 10 classes
@@ -72,14 +70,29 @@ def _curves(records: list[dict], arm: str) -> dict:
     return c
 
 
+def _arms(records: list[dict]) -> list[str]:
+    """The recorded arms, in ``ARM_LABELS``' order.
+
+    Raises:
+        ReportError: the baseline or the BN arm, which every comparison needs, has no
+            evaluation records.
+    """
+    arms = recorded_arms(records, ARM_LABELS)
+    for arm in ARM_LABELS:
+        if arm not in arms:
+            raise ReportError(f"no evaluation records for arm {arm!r}")
+    return arms
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """Headline numbers from the records (what summary.json holds)."""
     thresholds = config.get("thresholds", [0.9, 0.95, 0.97])
     out: dict = {"arms": {}, "thresholds": thresholds}
-    diverged = {arm: fmt_diverged(diverged_copies(records, arm)) for arm in ARMS}
+    arms = _arms(records)
+    diverged = {arm: fmt_diverged(diverged_copies(records, arm)) for arm in arms}
     if any(diverged.values()):  # a network with non-finite weights: say so, never hide it
         out["diverged"] = {arm: text for arm, text in diverged.items() if text}
-    for arm in ARMS:
+    for arm in arms:
         c = _curves(records, arm)
         finals = [r for r in records if r.get("kind") == "final" and r["arm"] == arm]
         arm_sum = {
@@ -134,33 +147,37 @@ def summarize(records: list[dict], config: dict) -> dict:
 
 
 def _figure(records: list[dict], config: dict, path: Path) -> None:
-    curves = {arm: _curves(records, arm) for arm in ARMS}
-    fig, axes = subplots(1, 3, figsize=(15, 4.3))
+    """Figure 1: (a) test accuracy, mean over seeds with the seeds' min-max band; (b, c)
+    the 15th, 50th and 85th percentiles of one sigmoid's input, seed 0, without and with
+    BN, on one scale. Legends sit below the panels, off the data. The paper gives no
+    numbers for Figure 1, so none is marked."""
+    arms = _arms(records)
+    curves = {arm: _curves(records, arm) for arm in arms}
+    fig, axes = subplots(1, 3, figsize=(15, 4.9), constrained_layout=True)
     ax = axes[0]
-    for arm in ARMS:
+    for arm in arms:
         c = curves[arm]
-        m, s = c["acc"].mean(1), c["acc"].std(1)
         n = c["acc"].shape[1]
-        ax.plot(c["steps"], m, color=ARM_COLORS[arm], label=f"{ARM_LABELS[arm]} (mean of {n})")
+        color, label = ARM_COLORS.get(arm), ARM_LABELS.get(arm, arm)
+        with np.errstate(all="ignore"):
+            m = np.nanmean(c["acc"], axis=1)
+        band = " (band: min–max)" if n > 1 else ""
+        seeds = f"{n} seed" + ("s" if n != 1 else "")
+        ax.plot(c["steps"], m, color=color, label=f"{label}: mean of {seeds}{band}")
         if n > 1:
-            ax.fill_between(c["steps"], m - s, m + s, color=ARM_COLORS[arm], alpha=0.2, lw=0)
-    lo = min(c["acc"][len(c["acc"]) // 10 :].min() for c in curves.values())
+            lo, hi = np.nanmin(c["acc"], axis=1), np.nanmax(c["acc"], axis=1)
+            ax.fill_between(c["steps"], lo, hi, color=color, alpha=0.2, lw=0)
+    lo = min(np.nanmin(c["acc"][len(c["acc"]) // 10 :]) for c in curves.values())
     ax.set_ylim(max(0.0, lo - 0.02), 1.0)
     ax.set(xlabel="training step", ylabel="test accuracy", title="(a) Test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     unit = config.get("unit", 0)
-    ylims = []
-    for ax, arm, letter in ((axes[1], "baseline", "b"), (axes[2], "bn", "c")):
+    panels = [(axes[1], "baseline", "b"), (axes[2], "bn", "c")]
+    for ax, arm, letter in panels:
         c = curves[arm]
-        for key, style in (("p85", "--"), ("p50", "-"), ("p15", "--")):
-            ax.plot(
-                c["steps"],
-                c[key][:, 0],
-                style,
-                color=ARM_COLORS[arm],
-                label=f"{key[1:]}th percentile",
-            )
+        for key, label, style in PERCENTILES:
+            ax.plot(c["steps"], c[key][:, 0], style, color=ARM_COLORS[arm], lw=1.6, label=label)
         ax.fill_between(
             c["steps"], c["p15"][:, 0], c["p85"][:, 0], color=ARM_COLORS[arm], alpha=0.12, lw=0
         )
@@ -170,17 +187,17 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
             title=f"({letter}) {ARM_LABELS[arm]}: input to sigmoid unit {unit}, layer 3",
         )
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        ylims.append(ax.get_ylim())
-    lim = (min(y[0] for y in ylims), max(y[1] for y in ylims))
-    axes[1].set_ylim(lim)  # same scale, so the two panels compare at a glance
-    axes[2].set_ylim(lim)
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False
+        )
+    lim = (min(ax.get_ylim()[0] for ax, *_ in panels), max(ax.get_ylim()[1] for ax, *_ in panels))
+    for ax, *_ in panels:
+        ax.set_ylim(lim)  # same scale, so the two panels compare at a glance
     fig.suptitle(
         "Figure 1 reproduction: MNIST, 3 hidden sigmoid layers of 100 units "
         "(percentile panels: seed 0, on the test set)",
         fontsize=11,
     )
-    fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
 
@@ -326,85 +343,11 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
 
 
 def _markdown(summary: dict, config: dict, env: dict, data_desc: str) -> str:
-    cfg = config["config"]
-    base, bn = summary["arms"]["baseline"], summary["arms"]["bn"]
-    rows = [
-        (
-            "final test accuracy (moving-average BN statistics)",
-            fmt_pct(base["final_test_acc"]),
-            fmt_pct(bn["final_test_acc"]),
-        ),
-        (
-            "final test accuracy (population statistics, Alg. 2 steps 8-10)",
-            "—",
-            fmt_pct(bn.get("final_test_acc_population_stats")),
-        ),
-        (
-            "best test accuracy during training",
-            fmt_pct(base["best_test_acc"]),
-            fmt_pct(bn["best_test_acc"]),
-        ),
-    ]
-    for thr in summary["thresholds"]:
-        rows.append(
-            (
-                f"steps to {100 * thr:.0f}% test accuracy (per seed)",
-                fmt_steps(base["steps_to_threshold"][str(thr)]),
-                fmt_steps(bn["steps_to_threshold"][str(thr)]),
-            )
-        )
-    lines = [
-        "# Figure 1 reproduction (Section 4.1): MNIST with and without Batch Normalization",
-        "",
-        *smoke_banner(cfg),
-    ]
-    for arm, text in summary.get("diverged", {}).items():
-        lines += [
-            f"**Diverged: {ARM_LABELS[arm]}, {text}** (its loss became non-finite "
-            "or exceeded the bound; its later numbers are those of a broken network).",
-            "",
-        ]
-    lines += [
-        "![Figure 1](figure1.png)",
-        "",
-        "## What was run",
-        "",
-        f"- **Data:** {data_desc}.",
-        f"- **Network:** 784-100-100-100-10, sigmoid hidden units, weights N(0, "
-        f"{cfg['init_std']}²), biases 0, cross-entropy. The BN arm is "
-        "`bnlab.insert_batchnorm` of the same network: BN before each sigmoid, hidden biases "
-        "dropped; both arms start from the same weights and see the same batches.",
-        f"- **Training:** {cfg['steps']:,} steps, mini-batches of {cfg['batch_size']}, SGD with "
-        f"momentum {cfg['momentum']} and learning rate {cfg['lr']} (the paper leaves optimizer, "
-        "learning rate and initialization unstated), identical for both arms.",
-        f"- **Seeds:** {cfg['seeds']} per arm; numbers are mean ± std with the 95% t-interval "
-        "and n (with fewer than 3 seeds, each seed's value instead of an interval). Test "
-        f"accuracy evaluated every {cfg['eval_every']} steps; the BN arm uses its "
-        "moving averages then, and population statistics from "
-        f"{cfg['population_batches']} training batches at the end.",
-        f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-        f"{env.get('platform')}, git {str(env.get('git_revision'))[:10]}; training took "
-        f"{env.get('train_seconds_last_session', 'n/a')} s in the last session.",
-        "",
-        "## Our numbers",
-        "",
-        markdown_table(["measure", "without BN", "with BN"], rows),
-        "",
-        "## Beside the paper",
-        "",
-        *[f"- Paper: {c}" for c in PAPER_CLAIMS],
-        "",
-        verdict_table(summary["verdicts"]),
-        "",
-    ]
-    if "packaged" in data_desc:
-        lines += [
-            "Note: this run used the small packaged subset (4,000 training images), so "
-            "absolute accuracies are not comparable to the paper's full MNIST; run with "
-            "`--data DIR` on the full set (`bnlab data download mnist`) for that.",
-            "",
-        ]
-    return "\n".join(lines)
+    """report.md: the words are templates/figure1.md.j2's."""
+    return render_template(
+        "figure1.md.j2", summary=summary, config=config["config"], env=env, data=data_desc,
+        labels=ARM_LABELS,
+    )  # fmt: skip
 
 
 def build_report(run_dir: str | Path) -> dict:

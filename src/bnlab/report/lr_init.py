@@ -14,20 +14,16 @@ import numpy as np
 
 from bnlab.report import ReportError
 from bnlab.report.render import (
-    environment_line,
-    markdown_table,
+    render_template,
     report_from_records,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
 )
 from bnlab.report.stats import (
     Verdict,
     diverged_copies,
     eval_curves,
     first_step_reaching,
-    fmt_pct,
     judge,
     mean_std_ci,
     run_context,
@@ -38,12 +34,8 @@ from bnlab.report.stats import (
 __all__ = ["FILES", "build_report", "summarize"]
 
 FILES = ["summary.json", "lr_init.png", "report.md", "report.html"]
+# The two normalizations every cell compares, in the order the report shows them.
 NORM_LABELS = {"none": "without BN", "bn": "with BN"}
-NORMS = ("none", "bn")
-PAPER_CLAIM = (
-    "Section 3.3: Batch Normalization enables higher learning rates (it makes training "
-    "more resilient to the parameter scale) and allows less careful initialization."
-)
 
 
 def _key(value) -> str:
@@ -83,6 +75,26 @@ def _cell(records: list[dict], name: str, steps: int, threshold: float) -> dict:
     }
 
 
+def _norms(records: list[dict]) -> list[str]:
+    """The normalizations of the recorded cells (settings records), in ``NORM_LABELS``'
+    order, others after.
+
+    Raises:
+        ReportError: no cell without BN, or none with it, was recorded.
+    """
+    found = {r["norm"] for r in records if r.get("kind") == "settings"}
+    for norm in NORM_LABELS:
+        if norm not in found:
+            raise ReportError(f"no records of any cell {norm}; resume the run")
+    return [*NORM_LABELS, *sorted(found - set(NORM_LABELS))]
+
+
+def _shown(grid: dict) -> list[str]:
+    """The grid's normalizations in ``NORM_LABELS``' order, others after (a summary read
+    back from summary.json has its keys sorted)."""
+    return [*(n for n in NORM_LABELS if n in grid), *sorted(set(grid) - set(NORM_LABELS))]
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """Per cell (``grid[norm][init][lr]``): final accuracy, divergence, steps to the
     threshold; then what the verdicts need."""
@@ -96,8 +108,9 @@ def summarize(records: list[dict], config: dict) -> dict:
         for r in records
         if r.get("kind") == "settings"
     }
-    grid: dict = {n: {s: {} for s in inits} for n in NORMS}
-    for n in NORMS:
+    norms = _norms(records)
+    grid: dict = {n: {s: {} for s in inits} for n in norms}
+    for n in norms:
         for s in inits:
             for lr in lrs:
                 if (n, s, lr) not in arms:
@@ -121,9 +134,9 @@ def summarize(records: list[dict], config: dict) -> dict:
     out = {
         "threshold": thr,
         "grid": grid,
-        "max_lr_that_trains": {n: {s: best_lr(n, s) for s in inits} for n in NORMS},
+        "max_lr_that_trains": {n: {s: best_lr(n, s) for s in inits} for n in norms},
         "inits_that_train": {
-            n: {lr: sum(grid[n][s][lr]["trains"] for s in inits) for lr in lrs} for n in NORMS
+            n: {lr: sum(grid[n][s][lr]["trains"] for s in inits) for lr in lrs} for n in norms
         },
         "speedup_bn_vs_none": speedups,
     }
@@ -147,13 +160,16 @@ def _grid(summary: dict, config: dict, norm: str, what: str) -> np.ndarray:
 
 def _figure(summary: dict, config: dict, path: Path) -> None:
     lrs, inits = [_key(x) for x in config["lrs"]], [_key(x) for x in config["inits"]]
-    fig, axes = subplots(2, 2, figsize=(11, 8.5), constrained_layout=True)
+    norms = _shown(summary["grid"])
+    fig, axes = subplots(
+        2, len(norms), figsize=(5.5 * len(norms), 8.5), constrained_layout=True, squeeze=False
+    )
     thr = 100 * config["threshold"]
     panels = [
         ("acc", "final test accuracy (%)", "viridis"),
         ("steps", f"steps to {thr:.0f}% (mean over seeds)", "magma_r"),
     ]
-    for col, norm in enumerate(NORMS):
+    for col, norm in enumerate(norms):
         for row, (what, title, cmap) in enumerate(panels):
             ax = axes[row, col]
             grid = _grid(summary, config, norm, what)
@@ -178,7 +194,7 @@ def _figure(summary: dict, config: dict, path: Path) -> None:
             ax.set_xticks(range(len(lrs)), lrs)
             ax.set_yticks(range(len(inits)), [_init_label(s) for s in inits])
             ax.set_xlabel(f"learning rate (SGD, momentum {config['momentum']:g})")
-            ax.set_title(f"{NORM_LABELS[norm]}: {title}")
+            ax.set_title(f"{NORM_LABELS.get(norm, norm)}: {title}")
     fig.suptitle(
         f"Section 3.3: learning rate x initialization, MNIST network, {config['steps']:,} steps, "
         f"{config['seeds']} seed(s) per cell ('div k/n': k seeds diverged)"
@@ -209,7 +225,7 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
         for s in inits
     )
     none_trained = None
-    if all(v is None for n in NORMS for v in best[n].values()):  # nothing trained at all
+    if all(v is None for n in best for v in best[n].values()):  # nothing trained at all
         none_trained = (
             f"no cell reached {100 * config['threshold']:.0f}% in every seed within "
             f"{config['steps']:,} steps; train longer (--steps, or --preset cpu)"
@@ -254,7 +270,7 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
         # Our Figure 1 disagreement: does BN's speed-up survive where the baseline learns at once?
         lr = "0.01" if "0.01" in lrs else lrs[0]
         s01, sg = (summary["speedup_bn_vs_none"][s][lr] for s in ("0.01", "glorot"))
-        base, bn = (summary["grid"][n]["glorot"][lr]["steps_to_threshold"] for n in NORMS)
+        base, bn = (summary["grid"][n]["glorot"][lr]["steps_to_threshold"] for n in NORM_LABELS)
         text = (
             f"BN's speed-up to {100 * config['threshold']:.0f}%: "
             f"{_fmt_speedup(s01)} at N(0, 0.01²), {_fmt_speedup(sg)} at Glorot"
@@ -276,62 +292,17 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
-    rows = []
-    for s in map(_key, config["inits"]):
-        for lr in map(_key, config["lrs"]):
-            cols = [_init_label(s), lr]
-            for norm in NORMS:
-                c = summary["grid"][norm][s][lr]
-                acc = c["final_acc"]
-                text = "—" if acc is None else fmt_pct(acc)
-                if c["diverged"]:
-                    text += f" (**{len(c['diverged'])} diverged**)"
-                st = c["steps_to_threshold"]
-                cols += [text, ", ".join("never" if x is None else f"{x:,}" for x in st)]
-            rows.append(cols)
-    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
-    return "\n".join(
-        [
-            "# Section 3.3: higher learning rates and less careful initialization",
-            "",
-            *smoke_banner(config),
-            f"Paper: {PAPER_CLAIM} It shows this only with Inception (BN-x5, BN-x30); here "
-            "it is measured on the Section 4.1 network over a grid.",
-            "",
-            "![learning rate x initialization](lr_init.png)",
-            "",
-            "## Verdicts",
-            "",
-            verdict_table(summary["verdicts"]),
-            "",
-            "## What was run",
-            "",
-            f"- **Data:** {data}.",
-            "- **Network:** the Figure 1 network (784-100-100-100-10, sigmoid), with BN "
-            "inserted before each sigmoid (`bnlab.insert_batchnorm`) or without; weights "
-            "N(0, s²) or Glorot normal, biases 0.",
-            f"- **Training:** {config['steps']:,} steps per cell, batch {config['batch_size']}, "
-            f"SGD with momentum {config['momentum']}; {config['seeds']} seed(s) per cell. A "
-            f"cell *trains* when every seed ends at ≥ {100 * config['threshold']:.0f}% test "
-            "accuracy and none diverged (a training loss that became non-finite or exceeded "
-            f"{config.get('divergence_loss', math.inf):g}).",
-            environment_line(env),
-            "",
-            "## Every cell",
-            "",
-            markdown_table(
-                [
-                    "init",
-                    "lr",
-                    "final acc. without BN",
-                    f"steps to {100 * config['threshold']:.0f}%",
-                    "final acc. with BN",
-                    f"steps to {100 * config['threshold']:.0f}%",
-                ],
-                rows,
-            ),
-            "",
-        ]
+    """report.md: the words are templates/lr_init.md.j2's."""
+    return render_template(
+        "lr_init.md.j2",
+        summary=summary,
+        config=config,
+        env=env,
+        norms=_shown(summary["grid"]),
+        inits=[_key(x) for x in config["inits"]],
+        lrs=[_key(x) for x in config["lrs"]],
+        init_label=_init_label,
+        divergence_loss=config.get("divergence_loss", math.inf),
     )
 
 

@@ -1,5 +1,10 @@
 """Rendering every experiment's report shares: figures, Markdown tables, report.md/.html.
 
+A report's words live in a Jinja2 template, ``templates/<report>.md.j2``, shipped as
+package data; ``render_template`` fills it with what the report module computed
+(numbers, and strings formatted by ``report.stats``). The shared pieces of prose
+(the smoke-test banner, the environment line) are macros of ``templates/_common.md.j2``.
+
 matplotlib is imported inside ``subplots`` and ``save_figure``, not at the top:
 ``import matplotlib.pyplot`` costs about 0.3 s, which every ``bnlab`` command
 would otherwise pay, and the Agg backend must be chosen before pyplot loads.
@@ -8,21 +13,34 @@ would otherwise pay, and the Agg backend must be chosen before pyplot loads.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from markdown_it import MarkdownIt
 
 from bnlab.report import ReportError, read_run
-from bnlab.report.stats import Verdict, is_smoke
+from bnlab.report.stats import (
+    Verdict,
+    fmt_estimate,
+    fmt_num,
+    fmt_pct,
+    fmt_pp,
+    fmt_steps,
+    is_smoke,
+)
 from bnlab.run_folder import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = [
+    "TEMPLATES",
     "environment_line",
     "markdown_table",
+    "recorded_arms",
+    "render_template",
     "report_from_records",
     "save_figure",
     "smoke_banner",
@@ -40,6 +58,77 @@ _STYLE = (
     "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
     "th{background:#f3f3f3}code{background:#f3f3f3;padding:0 3px}"
 )
+
+
+# the folder of the reports' Jinja2 templates (package data: pyproject.toml)
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The one Jinja2 environment of the reports, built on first use.
+
+    Strict: a name the template uses and the context lacks raises
+    ``jinja2.UndefinedError`` instead of printing nothing. Block tags take their line
+    with them (``trim_blocks``, ``lstrip_blocks``), so ``{% for %}``/``{% if %}`` lines
+    leave no blank lines in report.md. No autoescaping: the output is Markdown, and
+    markdown-it escapes raw HTML when it renders report.html.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters.update(
+        pct=fmt_pct,  # an estimate of fractions: 97.98% ± 0.15 (95% CI 97.61–98.35, n=3)
+        pp=fmt_pp,  # an estimate of differences of fractions, in signed percentage points
+        num=fmt_num,  # an estimate of a plain number
+        estimate=fmt_estimate,  # an estimate in a unit: {{ d | estimate("x") }}
+        steps=fmt_steps,  # per-seed steps: 1,500, never
+        fmt=_format,  # Python's format spec: {{ n | fmt(",") }} -> 30,000
+    )
+    env.globals.update(is_smoke=is_smoke, verdict_table=verdict_table, zip=zip)
+    return env
+
+
+def _format(value: Any, spec: str = "") -> str:
+    """``format(value, spec)``, the templates' ``fmt`` filter. An undefined value raises
+    ``jinja2.UndefinedError`` naming it (``format`` would raise a bare TypeError)."""
+    if isinstance(value, jinja2.Undefined):
+        value._fail_with_undefined_error()
+    return format(value, spec)
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Render the report template ``name`` (``"figure1.md.j2"``) with ``context``.
+
+    Filters every template has: ``pct``, ``pp``, ``num``, ``estimate(unit)``, ``steps``
+    (``report.stats``' formatters) and ``fmt(spec)`` (``format``); globals:
+    ``verdict_table``, ``is_smoke``, ``zip``. Tables are written out in the template
+    as Markdown, one ``{% for %}`` line per row.
+
+    Raises:
+        jinja2.UndefinedError: the template uses a name ``context`` does not give.
+        jinja2.TemplateNotFound: no such template in ``TEMPLATES``.
+    """
+    return _templates().get_template(name).render(**context)
+
+
+def _common(macro: str, *args: Any) -> str:
+    """Call a macro of ``_common.md.j2``: the prose every report shares."""
+    return str(getattr(_templates().get_template("_common.md.j2").module, macro)(*args))
+
+
+def recorded_arms(records: Iterable[dict], order: Iterable[str] = ()) -> list[str]:
+    """The arms that have evaluation records, those in ``order`` first and in its
+    order, any others after them, sorted: reports take their arms from the records,
+    not from a copy of the experiment's list."""
+    found = {r["arm"] for r in records if r.get("kind") == "eval" and "arm" in r}
+    known = [a for a in dict.fromkeys(order) if a in found]
+    return known + sorted(found - set(known))
 
 
 def _pyplot():
@@ -135,15 +224,7 @@ def smoke_banner(config: dict) -> list[str]:
         config: the run's config (config.json's ``"config"``); a missing ``preset`` is
             unknown, not a smoke test.
     """
-    if not is_smoke(config.get("preset")):
-        return []
-    return [
-        "**Smoke test: this run used the `quick` preset** (a few hundred steps on a small "
-        "subset). It checks that the experiment runs end to end; its verdicts do not test "
-        "the paper. For a real test run the experiment again with `--preset cpu` (or "
-        "`--preset gpu` on a GPU).",
-        "",
-    ]
+    return _common("smoke_banner", config).splitlines()
 
 
 def verdict_table(verdicts: Sequence[Verdict | dict]) -> str:
@@ -168,11 +249,7 @@ def verdict_table(verdicts: Sequence[Verdict | dict]) -> str:
 
 def environment_line(env: dict) -> str:
     """The report's "Environment" bullet, from a run's env.json."""
-    return (
-        f"- **Environment:** bnlab {env.get('bnlab')}, torch {env.get('torch')}, "
-        f"{env.get('platform')}; training took {env.get('train_seconds_last_session', 'n/a')}"
-        " s in the last session."
-    )
+    return _common("environment_line", env)
 
 
 def report_from_records(

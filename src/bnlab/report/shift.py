@@ -16,13 +16,11 @@ import numpy as np
 
 from bnlab.report import ReportError
 from bnlab.report.render import (
-    environment_line,
-    markdown_table,
+    recorded_arms,
+    render_template,
     report_from_records,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
 )
 from bnlab.report.stats import (
     Verdict,
@@ -33,7 +31,6 @@ from bnlab.report.stats import (
     first_step_reaching,
     fmt_diverged,
     fmt_num,
-    fmt_pct,
     fmt_steps,
     judge,
     mean_std_ci,
@@ -45,8 +42,8 @@ from bnlab.report.stats import (
 __all__ = ["FILES", "build_report", "summarize"]
 
 FILES = ["summary.json", "shift.png", "report.md", "report.html"]
-MLP_ARMS = ("none", "bn", "noisy-bn")
-INCEPTION_ARMS = ("inception-none", "inception-bn")
+# Every arm the experiment may run, in the order the report shows them: the MNIST
+# network's, then the Inception ones (``--networks``).
 LABELS = {
     "none": "MNIST net without BN",
     "bn": "MNIST net with BN",
@@ -63,10 +60,25 @@ COLORS = {
 }
 
 
-def _arms(config: dict) -> list[str]:
-    networks = config.get("networks", ["mlp"])
-    return [*(MLP_ARMS if "mlp" in networks else ()),
-            *(INCEPTION_ARMS if "inception" in networks else ())]  # fmt: skip
+# The arms each network's verdicts compare (config.json's "networks" names the networks).
+COMPARED = {"mlp": ("none", "bn", "noisy-bn"), "inception": ("inception-none", "inception-bn")}
+
+
+def _arms(records: list[dict], config: dict) -> list[str]:
+    """The recorded arms, in ``LABELS``' order.
+
+    Raises:
+        ReportError: an arm that the verdicts of one of the run's networks compare has
+            no evaluation records.
+    """
+    arms = recorded_arms(records, LABELS)
+    for network in config.get("networks", ["mlp"]):
+        for arm in COMPARED.get(network, ()):
+            if arm not in arms:
+                raise ReportError(
+                    f"no evaluation records for arm {arm!r}; the run is incomplete (resume it)"
+                )
+    return arms
 
 
 THRESHOLD = 0.9
@@ -81,13 +93,6 @@ MEASURES = {
     "beta": "effective beta-smoothness",
     "grad_pred": "gradient predictiveness max ‖g − g'‖",
 }
-PAPER_CLAIMS = [
-    "Sections 1-2: BN reduces internal covariate shift, the change in the distribution of "
-    "layer inputs during training, and this is why it speeds training up (not measured "
-    "in the paper).",
-    "Santurkar et al. 2018: BN networks show similar or higher gradient-based ICS; BN with "
-    "noise added after it (more shift) still trains fast; BN makes the landscape smoother.",
-]
 
 
 def _layer_mean(per_layer: dict, key: str, skip_first: bool = False) -> list[float]:
@@ -154,7 +159,7 @@ def _jacobian_summary(records: list[dict], arm: str) -> dict:
 def summarize(records: list[dict], config: dict) -> dict:
     """Per arm: accuracy, steps to 90%, and each probe's level (mean over evaluations)."""
     out: dict = {"arms": {}, "lines": {}}
-    for arm in _arms(config):
+    for arm in _arms(records, config):
         try:
             acc = eval_curves(records, arm, ["test_acc"])
         except ValueError as e:
@@ -189,7 +194,8 @@ def summarize(records: list[dict], config: dict) -> dict:
 def _figure(records: list[dict], config: dict, path: Path) -> None:
     panels = ["acc", "w1", "kl", "ics_1mcos", "ics_rel", "beta"]
     fig, axes = subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for arm in _arms(config):
+    arms = _arms(records, config)
+    for arm in arms:
         acc = eval_curves(records, arm, ["test_acc"])
         probes = _probe_curves(records, arm)
         for ax, name in zip(axes.flat, panels):
@@ -205,8 +211,9 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
                 mean = np.nanmean(values, axis=1)
                 lo, hi = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
             ls = "--" if arm.startswith("inception") else "-"
-            ax.plot(steps, mean, ls, color=COLORS[arm], label=LABELS[arm])
-            ax.fill_between(steps, lo, hi, color=COLORS[arm], alpha=0.15, linewidth=0)
+            color = COLORS.get(arm)
+            ax.plot(steps, mean, ls, color=color, label=LABELS.get(arm, arm))
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
     titles = {"acc": "test accuracy (%)", **MEASURES}
     for ax, name in zip(axes.flat, panels):
         ax.set_title(titles[name], fontsize=10)
@@ -219,7 +226,7 @@ def _figure(records: list[dict], config: dict, path: Path) -> None:
         "Internal covariate shift, measured: "
         + (
             "MNIST network and small Inception (dashed)"
-            if any(a.startswith("inception") for a in _arms(config))
+            if any(a.startswith("inception") for a in arms)
             else "MNIST network"
         )  # fmt: skip
         + f", {config['seeds']} seed(s) per arm "
@@ -367,86 +374,14 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
-    rows = []
-    for arm, a in summary["arms"].items():
-        acc = a["final_test_acc"]
-        rows.append(
-            (
-                LABELS[arm],
-                fmt_pct(acc),
-                fmt_steps(a["steps_to_90"]),
-                _fmt(a["w1"]),
-                _fmt(a["kl"]),
-                _fmt(a["ics_1mcos"]),
-                _fmt(a["ics_rel"]),
-                _fmt(a["beta"]),
-                a["diverged"] or "no",
-            )
-        )
-    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
-    init = "Glorot normal" if config["init"] == "glorot" else f"N(0, {config['init']}²)"
-    return "\n".join(
-        [
-            "# Internal covariate shift, measured",
-            "",
-            *smoke_banner(config),
-            *[f"- {c}" for c in PAPER_CLAIMS],
-            "",
-            "![probes over training](shift.png)",
-            "",
-            "## Verdicts",
-            "",
-            verdict_table(summary["verdicts"]),
-            "",
-            "## Our numbers (probe levels: mean over the evaluations after step 0)",
-            "",
-            markdown_table(
-                [
-                    "arm",
-                    "final test acc.",
-                    "steps to 90%",
-                    "shift W1",
-                    "shift KL",
-                    "ICS 1 - cos",
-                    "ICS rel. l2",
-                    "beta",
-                    "diverged",
-                ],
-                rows,
-            ),
-            "",
-            "## What was run",
-            "",
-            f"- **Data:** {data}. Shift is measured on a fixed random "
-            f"{config['probe_examples']:,} training images.",
-            f"- **Network:** the Figure 1 network (784-100-100-100-10, sigmoid), {init} weights; "
-            "BN before each sigmoid in the BN arms; in the noisy arm each BN is followed by "
-            "Santurkar's noise (per layer and step mu ~ U(-0.5, 0.5), sigma ~ U(1, 1.25); per "
-            "element shift ~ U(mu ± 0.1), scale ~ N(sigma, 0.1)).",
-            f"- **Training:** {config['steps']:,} steps, batch {config['batch_size']}, SGD lr "
-            f"{config['lr']} momentum {config['momentum']}; {config['seeds']} seed(s) per arm; "
-            f"probes every {config['eval_every']} steps on that step's batch (`bnlab.probes`; "
-            "probing leaves training bit-identical).",
-            *(
-                [
-                    f"- **Inception arms:** `bnlab reproduce inception --preset quick`'s "
-                    "`inception` and `bn-baseline` networks and data (the packaged digits as "
-                    f"32x32 colour images, not CIFAR-10), {config['inception_steps']:,} steps, "
-                    "probed at the inputs of their ReLUs on a fixed augmented training batch."
-                ]
-                if "inception" in config.get("networks", ["mlp"])
-                else []
-            ),
-            "- **Probes:** *shift*: the nonlinearity inputs' distribution before and after the "
-            "step's update (applied to a copy), per unit, averaged over units and layers. The "
-            "probe batch runs as in training, so a BN layer normalizes it with its own "
-            "statistics: after BN only gamma and beta move the Gaussian fit (hence its tiny KL), "
-            "while Wasserstein-1 also sees changes of shape. *Gradient ICS*: G and G' of each "
-            "weight layer after the first (PAPER.md Section 10); *smoothness*: step sizes 0.5-4 "
-            "x lr along the gradient.",
-            environment_line(env),
-            "",
-        ]
+    """report.md: the words are templates/shift.md.j2's."""
+    return render_template(
+        "shift.md.j2",
+        summary=summary,
+        config=config,
+        env=env,
+        labels={arm: LABELS.get(arm, arm) for arm in summary["arms"]},
+        inception="inception" in config.get("networks", ["mlp"]),
     )
 
 
