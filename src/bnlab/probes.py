@@ -1,7 +1,7 @@
 """Probes of internal covariate shift, loss-landscape smoothness and layer Jacobians.
 
 The paper explains BN's speed-up by a reduction of internal covariate shift (ICS)
-but never measures it (PAPER.md Section 9). These probes measure it on any
+but never measures it. These probes measure it on any
 model, in three ways, cheaply enough to run every few hundred training steps,
 and test one more of the paper's conjectures:
 
@@ -10,14 +10,15 @@ and test one more of the paper's conjectures:
   nonlinearity's input) between two evaluation points, on a fixed probe batch:
   per-unit drift of the mean and of the variance, 1-D Wasserstein-1 distance,
   and the KL divergence of Gaussian fits.
-* :func:`gradient_ics`: gradient-based ICS exactly as Santurkar et al. (2018)
-  define it (PAPER.md Section 10): ||G - G'||_2 and cos(G, G') per layer.
+* :func:`gradient_ics`: gradient-based ICS exactly as Santurkar et al. ("How Does
+  Batch Normalization Help Optimization?", 2018) define it: ||G - G'||_2 and
+  cos(G, G') per layer.
 * :func:`smoothness`: the loss range, gradient predictiveness and effective
-  beta-smoothness along the gradient (PAPER.md Section 10).
+  beta-smoothness along the gradient (Santurkar et al. 2018).
 * :func:`jacobian_singular_values` (and :func:`compute_layer_jacobians`): the
   singular values of the per-example Jacobians between consecutive BN inputs
   (or nonlinearity inputs), in the normalized coordinates of Section 3.3's
-  conjecture that BN keeps them close to 1 (PAPER.md Section 5).
+  conjecture that BN keeps them close to 1 (Ioffe & Szegedy 2015, Section 3.3).
 
 None of them changes the model, its optimizer or the random state: they run the
 model with ``torch.func.functional_call`` on detached parameters and cloned
@@ -356,7 +357,7 @@ def activation_snapshot(
     quantiles: int = DEFAULT_QUANTILES,
     seed: int | None = 0,
 ) -> dict[str, UnitStats]:
-    """The input distribution of chosen layers on a fixed probe batch (PAPER.md Section 9).
+    """The input distribution of chosen layers on a fixed probe batch.
 
     The model runs once on ``x`` "as in training" (``training=True``: BN uses the
     probe batch's statistics, dropout is active with the RNG seeded by ``seed``, so
@@ -644,7 +645,7 @@ def gradient_ics(
     copies: int = 1,
     layers: Sequence[str] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
-    """Gradient-based internal covariate shift (Santurkar et al. 2018; PAPER.md Section 10).
+    """Gradient-based internal covariate shift (Santurkar et al. 2018).
 
     For layer i at step t, with weights W_1..W_k and the step's batch (x, y):
 
@@ -739,7 +740,7 @@ def smoothness(
     factors: Sequence[float] = DEFAULT_FACTORS,
     copies: int = 1,
 ) -> dict[str, list[float]]:
-    """Loss landscape along the gradient at a training step (PAPER.md Section 10).
+    """Loss landscape along the gradient at a training step (Santurkar et al. 2018).
 
     With g = grad L(w) on the batch (every parameter that requires grad), for each
     step size eta = f * lr, f in ``factors`` (Santurkar et al. use [1/2, 4] x lr):
@@ -1179,10 +1180,9 @@ def jacobian_singular_values(
 ) -> dict[str, dict[str, list[float]]]:
     """Singular values of the layer Jacobians, summarized (Section 3.3's conjecture).
 
-    The paper, Section 3.3: "Batch Normalization may lead the layer Jacobians to
-    have singular values close to 1, which is known to be beneficial for
-    training"; PAPER.md Section 5 restates it: "(The paper also conjectures that
-    BN keeps layer Jacobians' singular values close to 1.)" The paper's argument:
+    Ioffe & Szegedy (2015), Section 3.3: "We further conjecture that Batch
+    Normalization may lead the layer Jacobians to have singular values close to 1,
+    which is known to be beneficial for training (Saxe et al., 2013)." The argument:
     between two consecutive layers with normalized inputs, z_hat = F(x_hat) ~
     J x_hat, and if x_hat, z_hat are Gaussian, uncorrelated and of unit variance,
     J J^T = I: every singular value of J is 1, which preserves gradient

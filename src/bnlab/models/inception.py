@@ -1,6 +1,6 @@
 """A small Inception network for 32x32 images: the Section 4.2 experiment at laptop scale.
 
-The paper's ImageNet network (Section 4.2, PAPER.md Section 7) is GoogLeNet with
+The paper's ImageNet network (Ioffe & Szegedy 2015, Section 4.2) is GoogLeNet with
 ReLUs, each 5x5 convolution replaced by two stacked 3x3 ones (Figure 5), and no
 fully-connected layer but the softmax classifier. This is the same design scaled
 down for CIFAR-10:
