@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bnlab verify
 	$(VENV)/bin/bnlab reproduce figure1
-	$(VENV)/bin/bnlab reproduce inception --preset quick
+	$(VENV)/bin/bnlab reproduce paper --preset quick
 
 # The whole suite, the docs build with warnings as errors included (tests/test_docs.py).
 test: $(STAMP)

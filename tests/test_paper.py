@@ -65,16 +65,20 @@ def test_experiment_records_travel_to_worker_processes_by_name():
 def test_estimate_times_every_arm_and_restores_threads():
     cfg = config_from(figure1, "quick", steps=200, eval_every=100, seeds=1)
     threads = torch.get_num_threads()
-    est = estimate(EXPERIMENTS["figure1"], cfg, workers=2, steps=2, startup=1.0)
-    assert torch.get_num_threads() == threads
-    assert [a.arm for a in est.arms] == ["baseline", "bn"]
-    for a in est.arms:
-        assert a.steps == 200 and a.evals == 4 and a.step_seconds > 0 and a.eval_seconds > 0
-        assert a.seconds == pytest.approx(
-            1.0 + a.build_seconds + 200 * a.step_seconds + 4 * a.eval_seconds
-        )
-    assert est.workers == 2
-    assert est.seconds == pytest.approx(max(a.seconds for a in est.arms))  # one arm each
+    for workers in (1, 2):  # in this process, and in a pool as the run would
+        est = estimate(EXPERIMENTS["figure1"], cfg, workers=workers, steps=2, startup=1.0)
+        assert torch.get_num_threads() == threads
+        assert [a.arm for a in est.arms] == ["baseline", "bn"]
+        for a in est.arms:
+            assert a.steps == 200 and a.evals == 3 and a.step_seconds > 0 and a.eval_seconds > 0
+            assert a.final_seconds > 0  # figure1's final population statistics and test
+            assert a.seconds == pytest.approx(
+                1.0 + a.build_seconds + 200 * a.step_seconds + 3 * a.eval_seconds
+                + a.final_seconds
+            )  # fmt: skip
+        assert est.workers == workers
+        total = sum if workers == 1 else max
+        assert est.seconds == pytest.approx(total(a.seconds for a in est.arms))
 
 
 @pytest.fixture

@@ -2,36 +2,38 @@
 
 For every arm of an experiment the calibration builds the arm's job as a worker
 would (data, model, optimizer), times a few training steps of the shared loop
-(:func:`bnlab.train.loop.sgd_step`, after one warm-up step) and one evaluation
-with its probes (:func:`bnlab.train.loop.evaluate_job`), with the threads a
-worker would get. An arm then takes
+(:func:`bnlab.train.loop.sgd_step`, after one warm-up step), one evaluation with its
+probes (:func:`bnlab.train.loop.evaluate_job`), one precise-BN evaluation where the
+job has one, and the final measurement (``job.finalize``). It runs in as many
+worker processes, with as many threads each, as the run itself will use, so the
+timings include the slowdown of sharing the machine. An arm then takes
 
-    build + steps * step time + (steps / eval_every + 2) * evaluation time
+    start-up + build + steps * step + (steps / eval_every + 1) * evaluation + final
 
-(the evaluations of the run, at step 0 and the final one included), and the arms
-are scheduled on the workers as the runner does: each free worker takes the next
-arm. Process start-up is measured once per machine (a fresh interpreter
-importing bnlab) and added per arm. What the calibration does not see (a report's
-figures, an ensemble's evaluation after training, other load on the machine) is
-not in the estimate; it is a forecast, and `bnlab reproduce paper` prints it
-beside the measured time.
+and the arms are scheduled on the workers as the runner does: each free worker takes
+the next arm. What the calibration does not see (figures and report, an ensemble
+evaluated after training, other load on the machine) is not in the estimate; it is
+a forecast, and `bnlab reproduce paper` records it beside the measured time.
 """
 
 from __future__ import annotations
 
 import heapq
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bnlab.distributed import DistInfo
-from bnlab.train.loop import evaluate_job, sgd_step
+from bnlab.train.loop import evaluate_job, precise_bn_fields, sgd_step
+from bnlab.train.loop import evaluation as evaluation_mode
 
 __all__ = ["ArmEstimate", "Estimate", "estimate", "fmt_duration", "startup_seconds"]
 
@@ -46,6 +48,7 @@ class ArmEstimate:
     step_seconds: float
     eval_seconds: float
     evals: int
+    final_seconds: float
     seconds: float
 
 
@@ -103,51 +106,70 @@ def _makespan(seconds: list[float], workers: int) -> float:
     return max(free)
 
 
+def _calibrate_arm(exp, cfg, arm: str, threads: int, steps: int) -> ArmEstimate:
+    """Time one arm's parts in this process, with ``threads`` threads (a worker's)."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
+        t0 = time.perf_counter()
+        job = exp.run.build_job(arm, cfg, DistInfo(), Path(tmp))
+        job.model.train()
+        build = time.perf_counter() - t0
+        timed = max(1, min(steps, job.steps - 1))
+        sgd_step(job, job.model, 0)  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        for k in range(1, timed + 1):
+            sgd_step(job, job.model, k)
+        step = (time.perf_counter() - t0) / timed
+        t0 = time.perf_counter()
+        evaluate_job(job, 0)
+        if job.precise_bn:
+            precise_bn_fields(job, 0)
+        evaluation = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if job.finalize is not None:
+            with evaluation_mode(job.model):
+                job.finalize(job.model)
+        final = time.perf_counter() - t0
+    evals = job.steps // job.eval_every + 1
+    total = build + job.steps * step + evals * evaluation + final
+    return ArmEstimate(arm, job.steps, build, step, evaluation, evals, final, total)
+
+
 def estimate(exp, cfg, workers: int = 2, steps: int = 3, startup: float = 0.0) -> Estimate:
     """Forecast the wall time of ``exp`` (a :class:`bnlab.lab.Experiment`) with ``cfg``.
 
     Args:
         exp: the experiment.
         cfg: its config (already validated; its data present).
-        workers: ``--workers``: arms trained at once.
+        workers: ``--workers``: arms trained at once; the calibration runs in as many
+            processes (one process where the run uses one).
         steps: training steps timed per arm (after one warm-up step).
         startup: seconds a worker process takes to start (:func:`startup_seconds`).
 
     Returns:
-        The :class:`Estimate`; nothing is written and no global state is left changed
-        (torch's thread count is restored).
+        The :class:`Estimate`; nothing is written and this process's state is left
+        as it was.
     """
     arms = list(exp.run.arms(cfg))
     device = getattr(cfg, "device", "cpu")
     workers, threads = _worker_layout(len(arms), workers, device)
     result = Estimate(exp.name, getattr(cfg, "preset", "?"), workers, threads)
-    saved_threads = torch.get_num_threads()
     t_start = time.perf_counter()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
-            for arm in arms:
-                t0 = time.perf_counter()
-                job = exp.run.build_job(arm, cfg, DistInfo(), Path(tmp))
-                job.model.train()
-                build = time.perf_counter() - t0
-                timed = max(1, min(steps, job.steps - 1))
-                sgd_step(job, job.model, 0)  # warm-up: first-call allocations
-                t0 = time.perf_counter()
-                for k in range(1, timed + 1):
-                    sgd_step(job, job.model, k)
-                step = (time.perf_counter() - t0) / timed
-                t0 = time.perf_counter()
-                evaluate_job(job, 0)
-                evaluation = time.perf_counter() - t0
-                evals = job.steps // job.eval_every + 2
-                total = startup + build + job.steps * step + evals * evaluation
-                result.arms.append(
-                    ArmEstimate(arm, job.steps, build, step, evaluation, evals, total)
-                )
-                del job
-    finally:
-        torch.set_num_threads(saved_threads)
+    if workers == 1:
+        saved = torch.get_num_threads()
+        try:
+            found = [_calibrate_arm(exp, cfg, arm, threads, steps) for arm in arms]
+        finally:
+            torch.set_num_threads(saved)
+    else:  # as the run: `workers` processes at once, sharing the machine
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            found = list(
+                pool.map(_calibrate_arm, *zip(*[(exp, cfg, a, threads, steps) for a in arms]))
+            )
+    for a in found:
+        a.seconds += startup
+    result.arms = found
     result.seconds = _makespan([a.seconds for a in result.arms], workers)
     result.calibration_seconds = time.perf_counter() - t_start
     return result
