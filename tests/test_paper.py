@@ -72,6 +72,7 @@ def test_estimate_times_every_arm_and_restores_threads():
         for a in est.arms:
             assert a.steps == 200 and a.evals == 3 and a.step_seconds > 0 and a.eval_seconds > 0
             assert a.final_seconds > 0  # figure1's final population statistics and test
+            # (timed on the first arm, scaled by evaluation time for the others)
             assert a.seconds == pytest.approx(
                 1.0 + a.build_seconds + 200 * a.step_seconds + 3 * a.eval_seconds
                 + a.final_seconds

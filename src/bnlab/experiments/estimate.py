@@ -4,7 +4,8 @@ For every arm of an experiment the calibration builds the arm's job as a worker
 would (data, model, optimizer), times a few training steps of the shared loop
 (:func:`bnlab.train.loop.sgd_step`, after one warm-up step), one evaluation with its
 probes (:func:`bnlab.train.loop.evaluate_job`), one precise-BN evaluation where the
-job has one, and the final measurement (``job.finalize``). It runs in as many
+job has one, and the final measurement (``job.finalize``: timed on the first arm,
+scaled for the others by their evaluation time). It runs in as many
 worker processes, with as many threads each, as the run itself will use, so the
 timings include the slowdown of sharing the machine. An arm then takes
 
@@ -106,8 +107,11 @@ def _makespan(seconds: list[float], workers: int) -> float:
     return max(free)
 
 
-def _calibrate_arm(exp, cfg, arm: str, threads: int, steps: int) -> ArmEstimate:
-    """Time one arm's parts in this process, with ``threads`` threads (a worker's)."""
+def _calibrate_arm(
+    exp, cfg, arm: str, threads: int, steps: int, time_final: bool = True
+) -> ArmEstimate:
+    """Time one arm's parts in this process, with ``threads`` threads (a worker's);
+    ``time_final=False`` leaves the final measurement at 0 (the caller scales it)."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
         t0 = time.perf_counter()
@@ -126,10 +130,10 @@ def _calibrate_arm(exp, cfg, arm: str, threads: int, steps: int) -> ArmEstimate:
             precise_bn_fields(job, 0)
         evaluation = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if job.finalize is not None:
+        if job.finalize is not None and time_final:
             with evaluation_mode(job.model):
                 job.finalize(job.model)
-        final = time.perf_counter() - t0
+        final = time.perf_counter() - t0 if time_final else 0.0
     evals = job.steps // job.eval_every + 1
     total = build + job.steps * step + evals * evaluation + final
     return ArmEstimate(arm, job.steps, build, step, evaluation, evals, final, total)
@@ -155,19 +159,24 @@ def estimate(exp, cfg, workers: int = 2, steps: int = 3, startup: float = 0.0) -
     workers, threads = _worker_layout(len(arms), workers, device)
     result = Estimate(exp.name, getattr(cfg, "preset", "?"), workers, threads)
     t_start = time.perf_counter()
+    # The final measurement (often the whole test set) is timed on the first arm only;
+    # the others' is scaled by their evaluation time, as it is a larger evaluation.
+    calls = [(exp, cfg, a, threads, steps, i == 0) for i, a in enumerate(arms)]
     if workers == 1:
         saved = torch.get_num_threads()
         try:
-            found = [_calibrate_arm(exp, cfg, arm, threads, steps) for arm in arms]
+            found = [_calibrate_arm(*call) for call in calls]
         finally:
             torch.set_num_threads(saved)
     else:  # as the run: `workers` processes at once, sharing the machine
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            found = list(
-                pool.map(_calibrate_arm, *zip(*[(exp, cfg, a, threads, steps) for a in arms]))
-            )
+            found = list(pool.map(_calibrate_arm, *zip(*calls)))
+    first = found[0]
     for a in found:
+        if a is not first and first.eval_seconds > 0:
+            a.final_seconds = first.final_seconds * a.eval_seconds / first.eval_seconds
+            a.seconds += a.final_seconds
         a.seconds += startup
     result.arms = found
     result.seconds = _makespan([a.seconds for a in result.arms], workers)

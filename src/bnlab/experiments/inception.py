@@ -31,7 +31,8 @@ baseline by the changes of Section 4.2.1 (see :data:`NETWORKS`):
 Presets: ``quick`` (offline digits, minutes, a smoke test), ``cpu`` (CIFAR-10 on 2
 CPU cores, 3 seeds of each main network), ``gpu`` (one CUDA device), and ``long``
 (Section 4.2's speed-up against a converged baseline: inception, bn-baseline, bn-x5
-and bn-x30 for 4x the cpu preset's steps; the report states whether Inception's
+and bn-x30 for 3.2x the cpu preset's steps, about 2.4 h on 2 CPU cores by the
+forecast of ``bnlab.experiments.estimate``; the report states whether Inception's
 accuracy plateaued: its best accuracy in the last quarter of the run is within
 0.5 percentage points of its best in the first three quarters).
 
@@ -141,7 +142,7 @@ class Config:
     preset: str = "cpu"  # quick (a smoke test), cpu (the documented run), gpu
     data: str | None = "data/cifar10"  # CIFAR-10 folder/archive; None: packaged digits
     networks: list[str] = field(default_factory=lambda: list(NETWORKS))
-    steps: int = 6_000  # training steps of every network
+    steps: int = 2_500  # training steps of every network
     seeds: int = 3  # copies of each main network (3: the fewest that give an interval)
     control_seeds: int = 1  # copies of each control and of each ensemble variant
     batch_size: int = 32  # paper: 32
@@ -151,7 +152,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # inception's L2; bn-x5 and later use it / 5
     decay: float = 0.5  # inception's learning rate falls by this factor over the run
-    eval_every: int = 500
+    eval_every: int = 250
     eval_examples: int = 2_000  # test images per evaluation (the final one uses all)
     checkpoint_every: int = 1000
     divergence_bound: float = 1e4  # mean loss above this (or non-finite) is divergence
@@ -197,8 +198,8 @@ PRESETS: dict[str, dict] = {
     # Section 4.2's speed-up is measured against Inception's *maximum* accuracy: train
     # the four networks of Figure 2 long enough for Inception to plateau (see above).
     "long": dict(
-        networks=["inception", "bn-baseline", "bn-x5", "bn-x30"], steps=24_000,
-        eval_every=1_000, checkpoint_every=2_000,
+        networks=["inception", "bn-baseline", "bn-x5", "bn-x30"], steps=8_000,
+        eval_every=500, checkpoint_every=2_000,
     ),
 }  # fmt: skip
 
