@@ -41,7 +41,7 @@ from bnlab.experiments import (
     lr_init,
     shift,
 )
-from bnlab.experiments.protocol import DEFAULT_PRESET, PRESET_NAMES, config_from
+from bnlab.experiments.protocol import DEFAULT_PRESET, config_from
 from bnlab.report import ReportError
 from bnlab.report import batch_noise as batch_noise_report
 from bnlab.report import batch_size as batch_size_report
@@ -53,16 +53,7 @@ from bnlab.report import lr_init as lr_init_report
 from bnlab.report import shift as shift_report
 from bnlab.run_folder import read_json
 
-__all__ = [
-    "DEFAULT_PRESET",
-    "EXPERIMENTS",
-    "PRESET_NAMES",
-    "Experiment",
-    "build_report",
-    "config_from",
-    "experiment_of",
-    "report_files",
-]
+__all__ = ["EXPERIMENTS", "Experiment", "build_report", "experiment_of", "report_files"]
 
 
 @dataclass(frozen=True)

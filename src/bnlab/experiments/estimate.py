@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bnlab.distributed import DistInfo
+from bnlab.experiments.runner import worker_layout
 from bnlab.train.loop import evaluate_job, precise_bn_fields, sgd_step
 from bnlab.train.loop import evaluation as evaluation_mode
 
@@ -85,17 +85,6 @@ def startup_seconds() -> float:
         timeout=300,
     )
     return time.perf_counter() - t0
-
-
-def _worker_layout(arms: int, workers: int, device: str) -> tuple[int, int]:
-    """(workers, threads per worker) as :func:`bnlab.experiments.runner.run_experiment`
-    chooses them for a single-process run."""
-    workers = 1 if device == "cuda" else max(1, min(workers, arms))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    if cap.isdigit():
-        threads = max(1, min(threads, int(cap)))
-    return workers, threads
 
 
 def _makespan(seconds: list[float], workers: int) -> float:
@@ -156,7 +145,7 @@ def estimate(exp, cfg, workers: int = 2, steps: int = 3, startup: float = 0.0) -
     """
     arms = list(exp.run.arms(cfg))
     device = getattr(cfg, "device", "cpu")
-    workers, threads = _worker_layout(len(arms), workers, device)
+    workers, threads = worker_layout(len(arms), workers, device)
     result = Estimate(exp.name, getattr(cfg, "preset", "?"), workers, threads)
     t_start = time.perf_counter()
     # The final measurement (often the whole test set) is timed on the first arm only;

@@ -52,7 +52,14 @@ from bnlab.run_folder import (
 )
 from bnlab.train.loop import train
 
-__all__ = ["Interrupted", "WorkerError", "env_info", "prepare_out_dir", "run_experiment"]
+__all__ = [
+    "Interrupted",
+    "WorkerError",
+    "env_info",
+    "prepare_out_dir",
+    "run_experiment",
+    "worker_layout",
+]
 
 
 class WorkerError(RuntimeError):
@@ -182,6 +189,25 @@ def _same_setting(key: str, saved, now) -> bool:
     if key == "data" and isinstance(saved, str) and isinstance(now, str):
         return Path(saved).resolve() == Path(now).resolve()
     return saved == now
+
+
+def worker_layout(arms: int, workers: int, device: str, world: int = 1) -> tuple[int, int]:
+    """(processes training arms at once, torch threads in each) for a run.
+
+    One process per arm up to ``workers`` on the CPU, one on CUDA or under torchrun
+    (``world`` > 1, where each of the node's processes gets its share of the cores);
+    the cores are shared out evenly, and ``OMP_NUM_THREADS`` caps the threads, as
+    torch honours it.
+    """
+    cores = os.cpu_count() or 1
+    workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, arms))
+    threads = max(1, cores // workers)
+    if world > 1:
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit():  # the user's cap, as torch honours it
+        threads = max(1, min(threads, int(cap)))
+    return workers, threads
 
 
 def _locked_set_up(
@@ -361,15 +387,9 @@ def run_experiment(
             )
             work = out / "work"
             arms = exp.run.arms(cfg)
-            cores = os.cpu_count() or 1
-            device = getattr(cfg, "device", "cpu")
-            workers = 1 if world > 1 or device == "cuda" else max(1, min(workers, len(arms)))
-            threads = max(1, cores // workers)
-            if world > 1:
-                threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-            cap = os.environ.get("OMP_NUM_THREADS", "")
-            if cap.isdigit():  # the user's cap, as torch honours it
-                threads = max(1, min(threads, int(cap)))
+            workers, threads = worker_layout(
+                len(arms), workers, getattr(cfg, "device", "cpu"), world
+            )
             if main:
                 if world > 1:
                     stats = (
