@@ -68,8 +68,7 @@ def _index_markdown(
         if not c["rows"]:
             rows.append((c["section"], c["claim"], "**not tested**", "—", "—"))
         for r in c["rows"]:
-            source = r.get("source", "")
-            key = source.split(":", 1)[0]
+            key = r.get("experiment")  # None: a property checked now, not a run
             links = "checked now (`bnlab verify`)"
             if key in runs:
                 rel = runs[key].relative_to(root)

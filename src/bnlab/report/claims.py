@@ -111,6 +111,7 @@ def _run_rows(run_dir: Path) -> tuple[str, list[tuple[str | None, dict]]]:
             "verdict": v.status,
             "label": v.label,
             "measurement": v.measurement(),
+            "experiment": experiment,
             "source": f"{experiment}: {run_dir}",
             "figure": str(run_dir / module.FIGURE),
         }
