@@ -24,7 +24,9 @@ from torch.autograd import forward_ad
 from bnlab import backend, core
 
 __all__ = [
+    "BatchNormActFunction",
     "BatchNormTrainFunction",
+    "batch_norm_act_train",
     "batch_norm_backward",
     "batch_norm_train",
     "batch_norm_train_forward",
@@ -283,3 +285,113 @@ def batch_norm_train(
     ):
         return BatchNormTrainFunction.apply(x, weight, bias, eps)
     return _PlainBatchNormTrainFunction.apply(x, weight, bias, eps)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """y = f(BN(x)) in training mode, fused: Algorithm 1 followed by an activation, with
+    the closed-form backward of Section 3 applied to dl/dz = dl/dy * f'(z).
+
+    Outputs ``(y, mu_b, biased_var_b)``; the statistics are not differentiable. Saved for
+    the backward: x (``save_output`` False), or only the output y (``save_output`` True,
+    InPlace-ABN's memory-saving mode, Rota Bulo et al. 2018: z = f^-1(y) and
+    x - mu_B = (z - beta) / (gamma * inv_std); the caller makes sure that f is invertible
+    and gamma != 0). Neither z nor dl/dz is ever a tensor on the kernels' path.
+
+    Double backward (``create_graph=True``) is exact for ``save_output`` False (the
+    statistics are re-derived from x, as :class:`BatchNormTrainFunction` does) and
+    refused for ``save_output`` True, whose saved output does not carry x's statistics.
+    For ``torch.func`` transforms and forward-mode AD, :func:`batch_norm_act_train`
+    composes :class:`BatchNormTrainFunction` and the activation instead.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        activation: str,
+        negative_slope: float,
+        save_output: bool,
+    ):
+        out = backend.act_train_forward(x, weight, bias, eps, activation, negative_slope)
+        if out is None:
+            z, mu_b, biased_var_b = core.batch_norm_train_forward(x, weight, bias, eps)
+            y = core.activate(z, activation, negative_slope)
+        else:
+            y, mu_b, biased_var_b = out
+        inv_std = torch.rsqrt(biased_var_b + eps)
+        ctx.save_for_backward(y if save_output else x, weight, bias, mu_b, inv_std)
+        ctx.eps = eps
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.save_output = save_output
+        ctx.mark_non_differentiable(mu_b, biased_var_b)
+        return y, mu_b, biased_var_b
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_mu: Tensor, _grad_var: Tensor):
+        saved, weight, bias, mu_b, inv_std = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        kind, slope = ctx.activation, ctx.negative_slope
+        if torch.is_grad_enabled():
+            if ctx.save_output:
+                raise RuntimeError(
+                    "double backward (create_graph=True) through a fused BN + activation "
+                    "layer with memory='save': it keeps only its output, and the second "
+                    "derivative needs the input's statistics as a function of x; build the "
+                    "layer with memory='standard' for higher-order gradients"
+                )
+            # Double backward: the statistics as a function of x, so their dependence on
+            # x is seen by the second derivative (the pure path's ops are recorded).
+            mu_b, biased_var_b = core.compute_batch_stats(saved)
+            inv_std = torch.rsqrt(biased_var_b + ctx.eps)
+            grads = core.batch_norm_act_backward(
+                grad_y, saved, weight, bias, mu_b, inv_std, kind, slope, False, needs
+            )
+        else:
+            grads = backend.act_backward(
+                grad_y, saved, weight, bias, mu_b, inv_std, kind, slope, ctx.save_output, needs
+            )
+            if grads is None:
+                grads = core.batch_norm_act_backward(
+                    grad_y,
+                    saved,
+                    weight,
+                    bias,
+                    mu_b,
+                    inv_std,
+                    kind,
+                    slope,
+                    ctx.save_output,
+                    needs,
+                )
+        grad_x, grad_w, grad_b = grads
+        if bias is None:
+            grad_b = None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def batch_norm_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float = 0.01,
+    save_output: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode y = f(BN(x)): :class:`BatchNormActFunction` on plain tensors; under
+    ``torch.func`` transforms, forward-mode AD or ``torch.compile``, the composition of
+    :func:`batch_norm_train` and the activation (the same math, their vmap/jvp rules).
+
+    Returns:
+        ``(y, mu_b, biased_var_b)``.
+    """
+    if torch.compiler.is_compiling() or (
+        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    ):
+        z, mu_b, biased_var_b = batch_norm_train(x, weight, bias, eps)
+        return core.activate(z, activation, negative_slope), mu_b, biased_var_b
+    return BatchNormActFunction.apply(x, weight, bias, eps, activation, negative_slope, save_output)

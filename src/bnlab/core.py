@@ -42,8 +42,13 @@ from torch import Tensor
 from torch._C import _functorch
 
 __all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
     "BatchNormDtypeError",
     "BatchNormShapeError",
+    "activate",
+    "activation_grad",
+    "batch_norm_act_backward",
     "batch_norm_backward",
     "batch_norm_train_forward",
     "batch_renorm_affine",
@@ -60,6 +65,7 @@ __all__ = [
     "compute_dtype",
     "inference_affine",
     "input_grad",
+    "invert_activation",
     "merge_moments",
     "normalize",
     "num_values_per_channel",
@@ -849,3 +855,99 @@ def virtual_batches(x: Tensor, virtual_batch_size: int) -> tuple[Tensor, ...]:
             "(e.g. DataLoader(drop_last=True)) or another virtual_batch_size"
         )
     return batches
+
+
+# --------------------------------------------------------------------------
+# BN followed by an activation (fused layers; InPlace-ABN, Rota Bulo et al. 2018)
+# --------------------------------------------------------------------------
+
+# The activations a fused BN layer applies, by the names torch.nn.functional gives them.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "sigmoid")
+# Those with an inverse, whose output alone determines the backward (memory="save").
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu")
+
+
+def activate(z: Tensor, kind: str, negative_slope: float = 0.01) -> Tensor:
+    """f(z) for one of :data:`ACTIVATIONS`, with torch.nn.functional's definitions."""
+    if kind == "identity":
+        return z
+    if kind == "relu":
+        return torch.relu(z)
+    if kind == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    if kind == "silu":
+        return torch.nn.functional.silu(z)
+    if kind == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"unknown activation {kind!r}; one of {', '.join(ACTIVATIONS)}")
+
+
+def activation_grad(grad_out: Tensor, z: Tensor, kind: str, negative_slope: float = 0.01) -> Tensor:
+    """dl/dz = dl/df * f'(z), with torch's conventions at the kinks (relu'(0) = 0,
+    leaky_relu'(0) = negative_slope)."""
+    if kind == "identity":
+        return grad_out
+    if kind == "relu":
+        return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+    if kind == "leaky_relu":
+        return torch.where(z > 0, grad_out, grad_out * negative_slope)
+    s = torch.sigmoid(z)
+    if kind == "silu":
+        return grad_out * s * (1 + z * (1 - s))
+    if kind == "sigmoid":
+        return grad_out * s * (1 - s)
+    raise ValueError(f"unknown activation {kind!r}; one of {', '.join(ACTIVATIONS)}")
+
+
+def invert_activation(y: Tensor, kind: str, negative_slope: float = 0.01) -> Tensor:
+    """z = f^-1(y) for the invertible activations (identity; leaky_relu with a positive
+    slope: y >= 0 exactly where z >= 0)."""
+    if kind == "identity":
+        return y
+    if kind == "leaky_relu":
+        return torch.where(y >= 0, y, y / negative_slope)
+    raise ValueError(
+        f"activation {kind!r} has no inverse; memory='save' takes one of "
+        f"{', '.join(INVERTIBLE_ACTIVATIONS)}"
+    )
+
+
+def batch_norm_act_backward(
+    grad_y: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    kind: str,
+    negative_slope: float,
+    from_output: bool,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of y = f(BN(x)) with respect to x, gamma and beta.
+
+    With z = gamma * xhat + beta the BN output, dl/dz = dl/dy * f'(z), and the rest is
+    the closed form of Section 3 (:func:`batch_norm_backward`) with dl/dz in place of
+    dl/dy.
+
+    ``saved`` is x (``from_output`` False), or the output y (``from_output`` True, the
+    memory-saving mode of InPlace-ABN, Rota Bulo et al. 2018): then
+    z = f^-1(y), x - mu_B = (z - beta) / (gamma * inv_std), and x itself is never needed.
+    That needs an invertible f and gamma != 0 in every channel (the caller checks).
+    """
+    cdt = mu_b.dtype
+    scale = inv_std if weight is None else weight.to(cdt) * inv_std
+    if from_output:
+        z = invert_activation(saved.to(cdt), kind, negative_slope)
+        shift = z if bias is None else z - channel_view(bias.to(cdt), z)
+        x_mu = shift / channel_view(scale, z)  # x - mu_B, recovered from the output
+        dz = activation_grad(grad_y.to(cdt), z, kind, negative_slope)
+        grads = batch_norm_backward(
+            dz, x_mu, weight, torch.zeros_like(mu_b), inv_std, needs_input_grad
+        )
+        dx = grads[0]
+        return (None if dx is None else dx.to(saved.dtype)), grads[1], grads[2]
+    z = normalize(saved, mu_b, inv_std, weight, bias).to(cdt)
+    dz = activation_grad(grad_y.to(cdt), z, kind, negative_slope)
+    dx, dw, db = batch_norm_backward(dz, saved, weight, mu_b, inv_std, needs_input_grad)
+    return dx, dw, db

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from bnlab.autograd import (
+    batch_norm_act_train,
     batch_norm_backward,
     batch_norm_train,
     batch_norm_train_forward,
@@ -37,8 +38,11 @@ from bnlab.autograd import (
     normalize_by_stats,
 )
 from bnlab.core import (
+    ACTIVATIONS,
+    INVERTIBLE_ACTIVATIONS,
     BatchNormDtypeError,
     BatchNormShapeError,
+    activate,
     batch_renorm_affine,
     batch_renorm_backward,
     batch_renorm_correction,
@@ -66,10 +70,14 @@ from bnlab.core import (
 __all__ = [
     "BatchNormDtypeError",
     "BatchNormShapeError",
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
     "BatchRenormTrainFunction",
     "batch_norm",
+    "batch_norm_act",
     "batch_norm_backward",
     "batch_norm_tracked",
+    "check_activation",
     "batch_norm_train_forward",
     "batch_renorm",
     "batch_renorm_affine",
@@ -188,6 +196,19 @@ def batch_norm_tracked(
     )
 
 
+def _refuse_momentum_none() -> None:
+    """The functional forms' refusal of momentum=None, with the fix."""
+    # torch.nn.functional.batch_norm refuses None too. The modules' momentum=None, a
+    # cumulative average (1 / num_batches_tracked), needs a batch count that a
+    # functional call does not have; silently reading None as 0 (the compiled path
+    # did) left the running statistics unchanged.
+    raise TypeError(
+        "batch_norm: momentum=None (a cumulative average) needs the batch count that "
+        "the modules keep in num_batches_tracked, and a functional call has none; pass "
+        "momentum=1/k for the k-th batch, or use bnlab.nn.BatchNorm*d(momentum=None)"
+    )
+
+
 def _batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -203,15 +224,7 @@ def _batch_norm(
     building it costs a small op per call. The functional form's checks, then
     :func:`_dispatch`."""
     if momentum is None:
-        # torch.nn.functional.batch_norm refuses None too. The modules' momentum=None, a
-        # cumulative average (1 / num_batches_tracked), needs a batch count that a
-        # functional call does not have; silently reading None as 0 (the compiled path
-        # did) left the running statistics unchanged.
-        raise TypeError(
-            "batch_norm: momentum=None (a cumulative average) needs the batch count that "
-            "the modules keep in num_batches_tracked, and a functional call has none; pass "
-            "momentum=1/k for the k-th batch, or use bnlab.nn.BatchNorm*d(momentum=None)"
-        )
+        _refuse_momentum_none()
     check_batch_norm_input(input, training, eps)
     _check_channel_sizes(input, running_mean, running_var, weight, bias)
     check_batch_norm_state(input, weight, bias, running_mean, running_var)
@@ -307,6 +320,152 @@ def _dispatch(
         running_mean, running_var, num_batches_tracked, mu_b, biased_var_b, m, momentum
     )
     return y, mu_b, biased_var_b, skipped
+
+
+MEMORY_MODES = ("standard", "save")
+
+
+def check_activation(activation: str, negative_slope: float, memory: str) -> None:
+    """Refuse an activation or memory mode a fused BN layer cannot take, naming the fix.
+
+    Raises:
+        ValueError: an activation not in :data:`ACTIVATIONS`, an unknown ``memory``, or
+            ``memory="save"`` with an activation that has no inverse (relu, silu,
+            sigmoid; leaky_relu with a slope <= 0).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation {activation!r} is not one a fused BN layer applies; use one of "
+            f"{', '.join(ACTIVATIONS)} (or apply it after an unfused BN layer)"
+        )
+    if memory not in MEMORY_MODES:
+        raise ValueError(
+            f"memory={memory!r}: use 'standard' (keep the input for the "
+            "backward) or 'save' (keep only the output)"
+        )
+    if memory == "save" and (
+        activation not in INVERTIBLE_ACTIVATIONS
+        or (activation == "leaky_relu" and not negative_slope > 0)
+    ):
+        raise ValueError(
+            f"memory='save' recomputes the input from the output, so the activation must be "
+            f"invertible: {activation!r}"
+            + (f" with negative_slope={negative_slope}" if activation == "leaky_relu" else "")
+            + " is not. Use activation='leaky_relu' with negative_slope > 0 (InPlace-ABN's "
+            "choice) or 'identity', or memory='standard'"
+        )
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    memory: str = "standard",
+) -> Tensor:
+    """``f(batch_norm(input, ...))`` in one fused call; the arguments of :func:`batch_norm`
+    and the activation.
+
+    In training the compiled CPU kernels make one statistics pass and one output pass
+    that applies f, and a backward of two passes that recompute z = BN(x) per value: no
+    intermediate tensor is written (see :class:`bnlab.autograd.BatchNormActFunction`).
+
+    Args:
+        activation: one of :data:`ACTIVATIONS` (``"identity"``, ``"relu"``,
+            ``"leaky_relu"``, ``"silu"``, ``"sigmoid"``), as torch.nn.functional
+            defines them.
+        negative_slope: leaky_relu's slope for z < 0.
+        memory: ``"standard"`` keeps x for the backward; ``"save"`` keeps only the
+            output (InPlace-ABN, Rota Bulo et al. 2018) and recomputes x from it, for
+            invertible activations (identity, leaky_relu with a positive slope). A
+            training step whose gamma has a zero keeps x instead (x cannot be recovered
+            from the output of such a channel). The recovered x loses about
+            ``|beta / gamma|`` units in the last place.
+
+    Raises:
+        as :func:`batch_norm`, and ValueError for the activation (see
+        :func:`check_activation`).
+    """
+    check_activation(activation, negative_slope, memory)
+    if momentum is None:
+        _refuse_momentum_none()
+    check_batch_norm_input(input, training, eps)
+    _check_channel_sizes(input, running_mean, running_var, weight, bias)
+    check_batch_norm_state(input, weight, bias, running_mean, running_var)
+    y, _, _, _ = _dispatch_act(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        activation,
+        negative_slope,
+        memory,
+    )
+    return y
+
+
+def _dispatch_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    memory: str,
+    num_batches_tracked: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The routing of :func:`batch_norm_act` and the fused modules, after their checks;
+    arguments and result as :func:`_dispatch`, with the activation's."""
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm_act in eval mode (training=False) needs running_mean and "
+                "running_var; pass them, or use training=True"
+            )
+        z = normalize_by_stats(input, running_mean, running_var, weight, bias, eps)
+        return _activate_output(z, activation, negative_slope), None, None, None
+    # memory="save" recovers x - mu = (z - beta) / (gamma inv_std): not where gamma is 0.
+    save_output = memory == "save" and (weight is None or bool((weight != 0).all()))
+    y, mu_b, biased_var_b = batch_norm_act_train(
+        input, weight, bias, eps, activation, negative_slope, save_output
+    )
+    if running_mean is None:
+        return y, mu_b, biased_var_b, None
+    m = num_values_per_channel(input)
+    skipped = _count_and_update(
+        running_mean, running_var, num_batches_tracked, mu_b, biased_var_b, m, momentum
+    )
+    return y, mu_b, biased_var_b, skipped
+
+
+def _activate_output(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """f(z) of inference: in place where autograd does not record z (a fresh tensor);
+    out of place under torch.jit.trace, whose graph must not depend on grad mode."""
+    if (z.requires_grad and torch.is_grad_enabled()) or torch._C._get_tracing_state():
+        return activate(z, activation, negative_slope)
+    if activation == "relu":
+        return z.relu_()
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu_(z, negative_slope)
+    if activation == "sigmoid":
+        return z.sigmoid_()
+    if activation == "silu":
+        return torch.nn.functional.silu(z, inplace=True)
+    return z
 
 
 def _count_batch(num_batches_tracked: Tensor | None, momentum: float | None) -> float | Tensor:

@@ -47,10 +47,12 @@ from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 
 from bnlab.backend import build, native
-from bnlab.core import compute_dtype
+from bnlab.core import ACTIVATIONS, compute_dtype
 
 __all__ = [
     "BackendUnavailableError",
+    "act_backward",
+    "act_train_forward",
     "backward",
     "describe",
     "describe_without_loading",
@@ -325,6 +327,75 @@ def train_step(
     )
 
 
+# The activation ids of bn_cpu.cpp's enum Act: bnlab.core.ACTIVATIONS, in order.
+_ACT_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+def act_train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Training-mode BN followed by ``activation``, fused (one statistics pass and one
+    output pass that applies the activation), by the CPU kernels; None where they do not
+    apply (the caller composes :mod:`bnlab.core`'s BN and activation then).
+
+    Returns:
+        ``(y, mu_b, biased_var_b)``, y = f(BN(x)).
+    """
+    if _route(x, weight, bias) != "compiled":
+        return None
+    return torch.ops.bnlab.bn_act_train_fwd(
+        x, weight, bias, float(eps), _ACT_IDS[activation], float(negative_slope)
+    )
+
+
+def act_backward(
+    grad_y: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mu_b: Tensor,
+    inv_std: Tensor,
+    activation: str,
+    negative_slope: float,
+    from_output: bool,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+    """The backward of y = f(BN(x)) by the CPU kernels, as
+    :func:`bnlab.core.batch_norm_act_backward` computes it (``saved`` is x, or y when
+    ``from_output``), or None where they do not apply.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias)``; entries not needed are None.
+    """
+    if grad_y.shape != saved.shape:
+        return None
+    if _route(saved, grad_y, weight, bias, mu_b, inv_std) != "compiled":
+        return None
+    need_x, need_w, need_b = needs_input_grad
+    grad_x, sum_dz_xhat, sum_dz = torch.ops.bnlab.bn_act_bwd(
+        grad_y,
+        saved,
+        weight,
+        bias,
+        mu_b,
+        inv_std,
+        _ACT_IDS[activation],
+        float(negative_slope),
+        bool(from_output),
+        need_x,
+    )
+    grad_w = sum_dz_xhat.to(weight.dtype) if need_w and weight is not None else None
+    grad_b = None
+    if need_b and bias is not None:
+        grad_b = sum_dz.to(bias.dtype)
+    return (grad_x if need_x else None), grad_w, grad_b
+
+
 def eval_forward(
     x: Tensor,
     running_mean: Tensor,
@@ -473,7 +544,17 @@ def _fake_input_grad(grad_y, x, weight, mean, inv_std, sum_dy, sum_dy_xmu, m: in
     return _kernel_output(x)
 
 
+def _fake_act_train_fwd(x, weight, bias, eps: float, act: int, slope: float):
+    return _fake_train_fwd(x, weight, bias, eps)
+
+
+def _fake_act_bwd(grad_y, saved, weight, bias, mean, inv_std, act, slope, from_output, need_x):
+    return _fake_bwd(grad_y, saved, weight, mean, inv_std, need_x)
+
+
 def _register_fakes() -> None:
+    torch.library.register_fake("bnlab::bn_act_train_fwd")(_fake_act_train_fwd)
+    torch.library.register_fake("bnlab::bn_act_bwd")(_fake_act_bwd)
     torch.library.register_fake("bnlab::bn_train_fwd")(_fake_train_fwd)
     torch.library.register_fake("bnlab::bn_bwd")(_fake_bwd)
     torch.library.register_fake("bnlab::bn_eval")(_fake_eval)

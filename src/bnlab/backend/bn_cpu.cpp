@@ -1492,6 +1492,389 @@ py::object train_step(const Tensor& x, const c10::optional<Tensor>& weight,
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// BN followed by an activation, fused (bnlab.nn.BatchNormAct2d and its kin)
+// ---------------------------------------------------------------------------
+//
+//   bnlab::bn_act_train_fwd(x, weight?, bias?, eps, act, slope) -> (y, mu_b, biased_var_b)
+//   bnlab::bn_act_bwd(grad_y, saved, weight?, bias?, mu_b, inv_std, act, slope, from_output,
+//                     need_x) -> (grad_x, sum_dz_xhat, sum_dz)
+//
+// y = f(z), z = gamma * xhat + beta, f one of Act (the ids bnlab.core.ACTIVATIONS has, in
+// order). The forward is the statistics pass of bn_train_fwd and one output pass that
+// applies f as it writes y: no z is written. The backward takes x (from_output false) or
+// the output y (from_output true: the memory-saving mode of InPlace-ABN, Rota Bulo et al.
+// 2018; f invertible, gamma != 0), recomputes z and u = x - mu_b per value, and makes
+// the two passes of bn_bwd on dz = dy * f'(z): the sums of dz and dz * u, then
+// dx = k dz + a u + b. No dz or z tensor is written either.
+
+enum Act : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3, kSigmoid = 4 };
+
+template <int64_t A, typename acc_t>
+inline acc_t act_apply(acc_t z, acc_t slope) {
+  if constexpr (A == kIdentity) return z;
+  if constexpr (A == kRelu) return z > acc_t(0) ? z : acc_t(0);
+  if constexpr (A == kLeakyRelu) return z > acc_t(0) ? z : z * slope;
+  if constexpr (A == kSilu) return z / (acc_t(1) + std::exp(-z));
+  if constexpr (A == kSigmoid) return acc_t(1) / (acc_t(1) + std::exp(-z));
+}
+
+// f'(z), with torch's values at the kinks (relu'(0) = 0, leaky_relu'(0) = slope).
+template <int64_t A, typename acc_t>
+inline acc_t act_derivative(acc_t z, acc_t slope) {
+  if constexpr (A == kIdentity) return acc_t(1);
+  if constexpr (A == kRelu) return z > acc_t(0) ? acc_t(1) : acc_t(0);
+  if constexpr (A == kLeakyRelu) return z > acc_t(0) ? acc_t(1) : slope;
+  if constexpr (A == kSilu || A == kSigmoid) {
+    const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+    if constexpr (A == kSilu) return s * (acc_t(1) + z * (acc_t(1) - s));
+    else return s * (acc_t(1) - s);
+  }
+}
+
+// f^-1(y) for the invertible activations (leaky_relu with slope > 0: y >= 0 iff z >= 0).
+template <int64_t A, typename acc_t>
+inline acc_t act_inverse(acc_t y, acc_t inv_slope) {
+  if constexpr (A == kLeakyRelu) return y >= acc_t(0) ? y : y * inv_slope;
+  else return y;
+}
+
+// Per-channel values seen by the element loops: one value for a whole run (NCS) or an
+// array tiled over a super-row (RC); the same loop body vectorizes for both.
+template <typename acc_t>
+struct One {
+  acc_t v;
+  acc_t operator[](int64_t) const { return v; }
+};
+template <typename acc_t>
+struct Tile {
+  const acc_t* __restrict__ p;
+  acc_t operator[](int64_t j) const { return p[j]; }
+};
+
+// Per-channel coefficients of the fused layer's element loops.
+template <typename acc_t>
+struct ActCoefs {
+  std::vector<acc_t> mu, scale, shift, inv_scale, k, a, b;
+  explicit ActCoefs(int64_t c) : mu(c), scale(c), shift(c), inv_scale(c), k(c), a(c), b(c) {}
+};
+
+// dz = dy * f'(z) and u = x - mu for n values, from dy and the saved tensor t (x, or y
+// when FromOut), in acc_t; P the per-channel accessor (One or Tile), at offset j0.
+template <int64_t A, bool FromOut, typename acc_t, typename P>
+inline void dz_and_u(const acc_t* __restrict__ d, const acc_t* __restrict__ t, int64_t n,
+                     const P& mu, const P& sc, const P& sh, const P& isc, acc_t slope,
+                     acc_t inv_slope, acc_t* __restrict__ dz, acc_t* __restrict__ u) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t z, uu;
+    if constexpr (FromOut) {
+      z = act_inverse<A, acc_t>(t[j], inv_slope);
+      uu = (z - sh[j]) * isc[j];
+    } else {
+      uu = t[j] - mu[j];
+      z = uu * sc[j] + sh[j];
+    }
+    dz[j] = d[j] * act_derivative<A, acc_t>(z, slope);
+    u[j] = uu;
+  }
+}
+
+template <typename acc_t, typename P>
+struct Shifted {  // a per-channel accessor advanced by j0 values (RC tiles)
+  static P at(const P& p, int64_t) { return p; }
+};
+template <typename acc_t>
+struct Shifted<acc_t, Tile<acc_t>> {
+  static Tile<acc_t> at(const Tile<acc_t>& p, int64_t j0) { return {p.p + j0}; }
+};
+
+// body(j0, dz, u, n) over the run [0, len) of dy and t, in chunks of at most kChunk
+// values (P's arrays at offset j0 of the run).
+template <int64_t A, bool FromOut, typename scalar_t, typename acc_t, typename P, typename Body>
+inline void for_dz_u(const Raw<scalar_t>* dp, const Raw<scalar_t>* tp, int64_t len, const P& mu,
+                     const P& sc, const P& sh, const P& isc, acc_t slope, acc_t inv_slope,
+                     const Body& body) {
+  constexpr int64_t kChunk = Staging<scalar_t>::kChunk;
+  Staging<scalar_t>::read2(
+      dp, tp, len,
+      [&](int64_t s0, const auto* __restrict__ d, const auto* __restrict__ t, int64_t n) {
+        acc_t dz[kChunk], u[kChunk];
+        for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+          const int64_t m = std::min(kChunk, n - i0), j0 = s0 + i0;
+          using S = Shifted<acc_t, P>;
+          dz_and_u<A, FromOut, acc_t>(d + i0, t + i0, m, S::at(mu, j0), S::at(sc, j0),
+                                      S::at(sh, j0), S::at(isc, j0), slope, inv_slope, dz, u);
+          body(j0, static_cast<const acc_t*>(dz), static_cast<const acc_t*>(u), m);
+        }
+      });
+}
+
+template <int64_t A, typename scalar_t>
+void act_forward_impl(const Tensor& x, const Tensor& mean, const Tensor& inv_std,
+                      const Tensor& w, const Tensor& b, double slope_d, const Geometry& g,
+                      Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Raw<scalar_t>* xp = raw_ptr<scalar_t>(x);
+  Raw<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* ip = inv_std.const_data_ptr<acc_t>();
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  const int64_t C = g.c;
+  const acc_t slope = static_cast<acc_t>(slope_d);
+  // mu_b is stored in acc_t, so its hi part is all of it (lo = 0): the backward reads the
+  // same mu_b, and z is then the same value in both.
+  std::vector<acc_t> mu(mp, mp + C), sc(C), sh(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    sc[ch] = static_cast<acc_t>(wp ? double(wp[ch]) * double(ip[ch]) : double(ip[ch]));
+    sh[ch] = bp ? bp[ch] : acc_t(0);
+  }
+  auto loop = [&](const Raw<scalar_t>* xr, Raw<scalar_t>* yr, int64_t len, const auto& m,
+                  const auto& s, const auto& t) {
+    Staging<scalar_t>::map1(
+        xr, yr, len, [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+          using P = std::decay_t<decltype(m)>;
+          using S = Shifted<acc_t, P>;
+          const P mm = S::at(m, j0), ss = S::at(s, j0), tt = S::at(t, j0);
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            out[i] = act_apply<A, acc_t>((v[i] - mm[i]) * ss[i] + tt[i], slope);
+          }
+        });
+  };
+  if (g.layout == Layout::NCS) {
+    ncs_runs(g, [&](int64_t ch, int64_t off) {
+      loop(xp + off, yp + off, g.s, One<acc_t>{mu[ch]}, One<acc_t>{sc[ch]}, One<acc_t>{sh[ch]});
+    });
+    return;
+  }
+  const int64_t W = tile_width(C);
+  const std::vector<acc_t> mu_t = tiled(mu.data(), C, W), sc_t = tiled(sc.data(), C, W),
+                           sh_t = tiled(sh.data(), C, W);
+  rc_super_rows(g.n * g.s, C, W, [&](int64_t p, int64_t len) {
+    loop(xp + p, yp + p, len, Tile<acc_t>{mu_t.data()}, Tile<acc_t>{sc_t.data()},
+         Tile<acc_t>{sh_t.data()});
+  });
+}
+
+template <int64_t A, bool FromOut, typename scalar_t>
+void act_backward_impl(const Tensor& dy, const Tensor& t, const Tensor& w, const Tensor& b,
+                       const Tensor& mean, const Tensor& inv_std, double slope_d,
+                       const Geometry& g, Tensor& dx, Tensor& sum_dz_out,
+                       Tensor& sum_dzxhat_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Raw<scalar_t>* tp = raw_ptr<scalar_t>(t);
+  const Raw<scalar_t>* dp = raw_ptr<scalar_t>(dy);
+  Raw<scalar_t>* dxp = dx.defined() ? raw_mut_ptr<scalar_t>(dx) : nullptr;
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* ip = inv_std.const_data_ptr<acc_t>();
+  acc_t* sdz = sum_dz_out.mutable_data_ptr<acc_t>();
+  acc_t* sdx = sum_dzxhat_out.mutable_data_ptr<acc_t>();
+  const int64_t C = g.c;
+  const double m = static_cast<double>(g.n) * static_cast<double>(g.s);
+  const acc_t slope = static_cast<acc_t>(slope_d);
+  const acc_t inv_slope = static_cast<acc_t>(slope_d != 0 ? 1.0 / slope_d : 0.0);
+  ActCoefs<acc_t> cf(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const double scale = wp ? double(wp[ch]) * double(ip[ch]) : double(ip[ch]);
+    cf.mu[ch] = mp[ch];
+    cf.scale[ch] = static_cast<acc_t>(scale);
+    cf.shift[ch] = bp ? bp[ch] : acc_t(0);
+    cf.inv_scale[ch] = static_cast<acc_t>(1.0 / scale);
+  }
+  // The sums of dz and dz * u of channel ch, then dx's coefficients (input_grad_coefs).
+  auto coefs = [&](int64_t ch, double s_dz, double s_dzu) {
+    sdz[ch] = static_cast<acc_t>(s_dz);
+    sdx[ch] = static_cast<acc_t>(s_dzu * ip[ch]);  // sum dz * xhat = dl/dgamma
+    input_grad_coefs(wp ? static_cast<double>(wp[ch]) : 1.0, ip[ch], s_dz, s_dzu, m, cf.k[ch],
+                     cf.a[ch], cf.b[ch]);
+  };
+  auto dx_chunk = [](const acc_t* __restrict__ dz, const acc_t* __restrict__ u, acc_t* out,
+                     int64_t n, const auto& k, const auto& a, const auto& b) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = k[j] * dz[j] + a[j] * u[j] + b[j];
+  };
+  // dx over a run (len values from offset off), P per-channel accessors.
+  auto dx_run = [&](int64_t off, int64_t len, const auto& mu, const auto& sc, const auto& sh,
+                    const auto& isc, const auto& k, const auto& a, const auto& b) {
+    using P = std::decay_t<decltype(mu)>;
+    using S = Shifted<acc_t, P>;
+    constexpr int64_t kChunk = Staging<scalar_t>::kChunk;
+    for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, len - j0);
+      acc_t buf[Staging<scalar_t>::kCopy ? kChunk : 1];
+      acc_t* out;  // float and double: dx itself; float16, bfloat16: a buffer stored after
+      if constexpr (Staging<scalar_t>::kCopy) out = buf;
+      else out = dxp + off + j0;
+      for_dz_u<A, FromOut, scalar_t, acc_t>(
+          dp + off + j0, tp + off + j0, n, S::at(mu, j0), S::at(sc, j0), S::at(sh, j0),
+          S::at(isc, j0), slope, inv_slope,
+          [&](int64_t i0, const acc_t* dz, const acc_t* u, int64_t cnt) {
+            dx_chunk(dz, u, out + i0, cnt, S::at(k, j0 + i0), S::at(a, j0 + i0),
+                     S::at(b, j0 + i0));
+          });
+      if constexpr (Staging<scalar_t>::kCopy) Staging<scalar_t>::from_acc(out, dxp + off + j0, n);
+    }
+  };
+
+  if (g.layout == Layout::NCS) {
+    at::parallel_for(0, C, channel_grain(g), [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const One<acc_t> mu{cf.mu[ch]}, sc{cf.scale[ch]}, sh{cf.shift[ch]}, isc{cf.inv_scale[ch]};
+        double t1 = 0, t2 = 0;
+        for_each_run(g, ch, 0, g.n * g.s, kBlock, [&](int64_t off, int64_t len) {
+          for_dz_u<A, FromOut, scalar_t, acc_t>(
+              dp + off, tp + off, len, mu, sc, sh, isc, slope, inv_slope,
+              [&](int64_t, const acc_t* dz, const acc_t* u, int64_t n) {
+                acc_t s1, s2;
+                block_grad_sums<acc_t>(dz, u, n, acc_t(0), s1, s2);
+                t1 += s1;
+                t2 += s2;
+              });
+        });
+        coefs(ch, t1, t2);
+      }
+    });
+    if (!dxp) return;
+    ncs_runs(g, [&](int64_t ch, int64_t off) {
+      dx_run(off, g.s, One<acc_t>{cf.mu[ch]}, One<acc_t>{cf.scale[ch]}, One<acc_t>{cf.shift[ch]},
+             One<acc_t>{cf.inv_scale[ch]}, One<acc_t>{cf.k[ch]}, One<acc_t>{cf.a[ch]},
+             One<acc_t>{cf.b[ch]});
+    });
+    return;
+  }
+
+  const int64_t rows = g.n * g.s;
+  const int64_t nt = row_tasks(rows, C);
+  const int64_t W = tile_width(C);
+  const std::vector<acc_t> mu_t = tiled(cf.mu.data(), C, W), sc_t = tiled(cf.scale.data(), C, W),
+                           sh_t = tiled(cf.shift.data(), C, W),
+                           isc_t = tiled(cf.inv_scale.data(), C, W);
+  const Tile<acc_t> mu{mu_t.data()}, sc{sc_t.data()}, sh{sh_t.data()}, isc{isc_t.data()};
+  std::vector<double> p1(nt * C, 0.0), p2(nt * C, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t r0, r1;
+      split(rows, nt, task, r0, r1);
+      rc_reduce<acc_t>(C, W, r0, r1, p1.data() + task * C, p2.data() + task * C,
+                       [&](int64_t p, int64_t len, acc_t* __restrict__ a1, acc_t* __restrict__ a2) {
+                         for_dz_u<A, FromOut, scalar_t, acc_t>(
+                             dp + p, tp + p, len, mu, sc, sh, isc, slope, inv_slope,
+                             [&](int64_t j0, const acc_t* __restrict__ dz,
+                                 const acc_t* __restrict__ u, int64_t n) {
+                               acc_t* __restrict__ b1 = a1 + j0;
+                               acc_t* __restrict__ b2 = a2 + j0;
+#pragma omp simd
+                               for (int64_t j = 0; j < n; ++j) {
+                                 b1[j] += dz[j];
+                                 b2[j] += dz[j] * u[j];
+                               }
+                             });
+                       });
+    }
+  });
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double s1 = 0, s2 = 0;
+    for (int64_t task = 0; task < nt; ++task) {
+      s1 += p1[task * C + ch];
+      s2 += p2[task * C + ch];
+    }
+    coefs(ch, s1, s2);
+  }
+  if (!dxp) return;
+  const std::vector<acc_t> k_t = tiled(cf.k.data(), C, W), a_t = tiled(cf.a.data(), C, W),
+                           b_t = tiled(cf.b.data(), C, W);
+  rc_super_rows(rows, C, W, [&](int64_t p, int64_t len) {
+    dx_run(p, len, mu, sc, sh, isc, Tile<acc_t>{k_t.data()}, Tile<acc_t>{a_t.data()},
+           Tile<acc_t>{b_t.data()});
+  });
+}
+
+// The activation id as a compile-time constant: fn(std::integral_constant<int64_t, A>).
+template <typename Fn>
+void with_act(int64_t act, const char* op, const Fn& fn) {
+  switch (act) {
+    case kIdentity: fn(std::integral_constant<int64_t, kIdentity>()); break;
+    case kRelu: fn(std::integral_constant<int64_t, kRelu>()); break;
+    case kLeakyRelu: fn(std::integral_constant<int64_t, kLeakyRelu>()); break;
+    case kSilu: fn(std::integral_constant<int64_t, kSilu>()); break;
+    case kSigmoid: fn(std::integral_constant<int64_t, kSigmoid>()); break;
+    default: TORCH_CHECK(false, "bnlab::", op, ": unknown activation id ", act);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_train_fwd(const Tensor& x_in,
+                                                    const c10::optional<Tensor>& weight,
+                                                    const c10::optional<Tensor>& bias,
+                                                    double eps, int64_t act, double slope) {
+  // The statistics pass of bn_train_fwd (stats only), then one output pass applying f.
+  auto [unused, mean, var, inv_std] =
+      train_forward(x_in, Tensor(), Tensor(), eps, /*stats_only=*/true);
+  const Tensor x = as_supported_layout(x_in);
+  Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  if (x.numel() == 0) return {y, mean, var};
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t C = x.size(1);
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor b = channel_vector(bias, acc, C, "bias");
+  const Geometry g = geometry_of(x);
+  with_act(act, "bn_act_train_fwd", [&](auto a) {
+    constexpr int64_t A = decltype(a)::value;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_fwd", [&] {
+      act_forward_impl<A, scalar_t>(x, mean, inv_std, w, b, slope, g, y);
+    });
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_y, const Tensor& saved_in,
+                                              const c10::optional<Tensor>& weight,
+                                              const c10::optional<Tensor>& bias,
+                                              const Tensor& mean, const Tensor& inv_std,
+                                              int64_t act, double slope, bool from_output,
+                                              bool need_x) {
+  TORCH_CHECK(saved_in.dim() >= 2 && grad_y.sizes() == saved_in.sizes(),
+              "bnlab::bn_act_bwd: grad_y ", grad_y.sizes(), " and the saved tensor ",
+              saved_in.sizes(), " must have the same (N, C, *) shape");
+  TORCH_CHECK(saved_in.device().is_cpu() && grad_y.device().is_cpu(),
+              "bnlab::bn_act_bwd: CPU tensors only");
+  TORCH_CHECK(!from_output || act == kIdentity || (act == kLeakyRelu && slope > 0),
+              "bnlab::bn_act_bwd: from_output needs an invertible activation "
+              "(identity, or leaky_relu with a positive slope)");
+  const Tensor t = as_supported_layout(saved_in);
+  const Tensor dy = like_layout(grad_y, t);
+  const auto acc = at::toOpMathType(t.scalar_type());
+  const int64_t C = t.size(1);
+  Tensor dx = need_x ? at::empty_like(t, at::MemoryFormat::Preserve) : at::empty({0}, t.options());
+  Tensor sum_dz = at::zeros({C}, t.options().dtype(acc));
+  Tensor sum_dzxhat = at::zeros({C}, t.options().dtype(acc));
+  if (t.numel() == 0) return {dx, sum_dzxhat, sum_dz};
+  const Tensor w = channel_vector(weight, acc, C, "weight");
+  const Tensor b = channel_vector(bias, acc, C, "bias");
+  const Tensor mu = channel_vector(mean, acc, C, "mean");
+  const Tensor is = channel_vector(inv_std, acc, C, "inv_std");
+  const Geometry g = geometry_of(t);
+  Tensor dx_arg = need_x ? dx : Tensor();
+  with_act(act, "bn_act_bwd", [&](auto a) {
+    constexpr int64_t A = decltype(a)::value;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bn_act_bwd", [&] {
+      if constexpr (A == kIdentity || A == kLeakyRelu) {
+        if (from_output) {
+          act_backward_impl<A, true, scalar_t>(dy, t, w, b, mu, is, slope, g, dx_arg, sum_dz,
+                                               sum_dzxhat);
+          return;
+        }
+      }
+      act_backward_impl<A, false, scalar_t>(dy, t, w, b, mu, is, slope, g, dx_arg, sum_dz,
+                                            sum_dzxhat);
+    });
+  });
+  return {dx, sum_dzxhat, sum_dz};
+}
+
 TORCH_LIBRARY(bnlab, m) {
   m.def(
       "bn_train_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps)"
@@ -1510,6 +1893,13 @@ TORCH_LIBRARY(bnlab, m) {
       "bn_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps)"
       " -> (Tensor, Tensor, Tensor, int)");
+  m.def(
+      "bn_act_train_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, int act, float slope)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_act_bwd(Tensor grad_y, Tensor saved, Tensor? weight, Tensor? bias, Tensor mean,"
+      " Tensor inv_std, int act, float slope, bool from_output, bool need_x)"
+      " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
@@ -1518,6 +1908,8 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_eval", &bn_eval);
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_input_grad", &bn_input_grad);
+  m.impl("bn_act_train_fwd", &bn_act_train_fwd);
+  m.impl("bn_act_bwd", &bn_act_bwd);
   m.impl("bn_train", &bn_train);  // inference_mode tensors skip the Autograd key
 }
 

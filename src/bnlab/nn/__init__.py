@@ -8,6 +8,7 @@ from bnlab.nn.batchnorm import (
     BatchNorm3d,
     BatchNormShapeError,
 )
+from bnlab.nn.batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from bnlab.nn.convert import (
     convert_to_batch_renorm,
     convert_to_ghost_batchnorm,
@@ -23,6 +24,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNormShapeError",
     "BatchRenorm1d",
     "BatchRenorm2d",
