@@ -1519,16 +1519,19 @@ inline acc_t act_apply(acc_t z, acc_t slope) {
   if constexpr (A == kSigmoid) return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
-// f'(z), with torch's values at the kinks (relu'(0) = 0, leaky_relu'(0) = slope).
+// dy * f'(z), with torch's values at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and
+// its selects (relu's backward is dy or 0, never dy * 0). The selects vectorize because
+// the kernels build with -fno-trapping-math (see build.py): without it GCC turned them
+// into a branch per value, 8x slower on random signs.
 template <int64_t A, typename acc_t>
-inline acc_t act_derivative(acc_t z, acc_t slope) {
-  if constexpr (A == kIdentity) return acc_t(1);
-  if constexpr (A == kRelu) return z > acc_t(0) ? acc_t(1) : acc_t(0);
-  if constexpr (A == kLeakyRelu) return z > acc_t(0) ? acc_t(1) : slope;
+inline acc_t act_grad(acc_t d, acc_t z, acc_t slope) {
+  if constexpr (A == kIdentity) return d;
+  if constexpr (A == kRelu) return z > acc_t(0) ? d : acc_t(0);
+  if constexpr (A == kLeakyRelu) return z > acc_t(0) ? d : d * slope;
   if constexpr (A == kSilu || A == kSigmoid) {
     const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
-    if constexpr (A == kSilu) return s * (acc_t(1) + z * (acc_t(1) - s));
-    else return s * (acc_t(1) - s);
+    if constexpr (A == kSilu) return d * (s * (acc_t(1) + z * (acc_t(1) - s)));
+    else return d * (s * (acc_t(1) - s));
   }
 }
 
@@ -1539,18 +1542,21 @@ inline acc_t act_inverse(acc_t y, acc_t inv_slope) {
   else return y;
 }
 
-// Per-channel values seen by the element loops: one value for a whole run (NCS) or an
-// array tiled over a super-row (RC); the same loop body vectorizes for both.
-template <typename acc_t>
-struct One {
-  acc_t v;
-  acc_t operator[](int64_t) const { return v; }
-};
-template <typename acc_t>
-struct Tile {
-  const acc_t* __restrict__ p;
-  acc_t operator[](int64_t j) const { return p[j]; }
-};
+// dz = dy * f'(z) and u = x - mu of one value, from dy and the saved value t (x, or y
+// when FromOut: z = f^-1(y), u = (z - beta) / scale), with its channel's coefficients.
+template <int64_t A, bool FromOut, typename acc_t>
+inline void act_grad_elem(acc_t d, acc_t t, acc_t mu, acc_t sc, acc_t sh, acc_t isc,
+                          acc_t slope, acc_t inv_slope, acc_t& dz, acc_t& u) {
+  acc_t z;
+  if constexpr (FromOut) {
+    z = act_inverse<A, acc_t>(t, inv_slope);
+    u = (z - sh) * isc;
+  } else {
+    u = t - mu;
+    z = u * sc + sh;
+  }
+  dz = act_grad<A, acc_t>(d, z, slope);
+}
 
 // Per-channel coefficients of the fused layer's element loops.
 template <typename acc_t>
@@ -1559,55 +1565,40 @@ struct ActCoefs {
   explicit ActCoefs(int64_t c) : mu(c), scale(c), shift(c), inv_scale(c), k(c), a(c), b(c) {}
 };
 
-// dz = dy * f'(z) and u = x - mu for n values, from dy and the saved tensor t (x, or y
-// when FromOut), in acc_t; P the per-channel accessor (One or Tile), at offset j0.
-template <int64_t A, bool FromOut, typename acc_t, typename P>
-inline void dz_and_u(const acc_t* __restrict__ d, const acc_t* __restrict__ t, int64_t n,
-                     const P& mu, const P& sc, const P& sh, const P& isc, acc_t slope,
-                     acc_t inv_slope, acc_t* __restrict__ dz, acc_t* __restrict__ u) {
+// s1 = sum dz, s2 = sum dz * u over one block of one channel (n <= kBlock values), in
+// kLanes independent chains as block_grad_sums.
+template <int64_t A, bool FromOut, typename acc_t>
+inline void block_act_grad_sums(const acc_t* __restrict__ d, const acc_t* __restrict__ t,
+                                int64_t n, acc_t mu, acc_t sc, acc_t sh, acc_t isc, acc_t slope,
+                                acc_t inv_slope, acc_t& s1, acc_t& s2) {
+  constexpr int64_t L = kLanes<acc_t>;
+  acc_t a1[L] = {}, a2[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t z, uu;
-    if constexpr (FromOut) {
-      z = act_inverse<A, acc_t>(t[j], inv_slope);
-      uu = (z - sh[j]) * isc[j];
-    } else {
-      uu = t[j] - mu[j];
-      z = uu * sc[j] + sh[j];
+    for (int64_t j = 0; j < L; ++j) {
+      acc_t dz, u;
+      act_grad_elem<A, FromOut, acc_t>(d[i + j], t[i + j], mu, sc, sh, isc, slope, inv_slope,
+                                       dz, u);
+      a1[j] += dz;
+      a2[j] += dz * u;
     }
-    dz[j] = d[j] * act_derivative<A, acc_t>(z, slope);
-    u[j] = uu;
   }
-}
-
-template <typename acc_t, typename P>
-struct Shifted {  // a per-channel accessor advanced by j0 values (RC tiles)
-  static P at(const P& p, int64_t) { return p; }
-};
-template <typename acc_t>
-struct Shifted<acc_t, Tile<acc_t>> {
-  static Tile<acc_t> at(const Tile<acc_t>& p, int64_t j0) { return {p.p + j0}; }
-};
-
-// body(j0, dz, u, n) over the run [0, len) of dy and t, in chunks of at most kChunk
-// values (P's arrays at offset j0 of the run).
-template <int64_t A, bool FromOut, typename scalar_t, typename acc_t, typename P, typename Body>
-inline void for_dz_u(const Raw<scalar_t>* dp, const Raw<scalar_t>* tp, int64_t len, const P& mu,
-                     const P& sc, const P& sh, const P& isc, acc_t slope, acc_t inv_slope,
-                     const Body& body) {
-  constexpr int64_t kChunk = Staging<scalar_t>::kChunk;
-  Staging<scalar_t>::read2(
-      dp, tp, len,
-      [&](int64_t s0, const auto* __restrict__ d, const auto* __restrict__ t, int64_t n) {
-        acc_t dz[kChunk], u[kChunk];
-        for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-          const int64_t m = std::min(kChunk, n - i0), j0 = s0 + i0;
-          using S = Shifted<acc_t, P>;
-          dz_and_u<A, FromOut, acc_t>(d + i0, t + i0, m, S::at(mu, j0), S::at(sc, j0),
-                                      S::at(sh, j0), S::at(isc, j0), slope, inv_slope, dz, u);
-          body(j0, static_cast<const acc_t*>(dz), static_cast<const acc_t*>(u), m);
-        }
-      });
+  for (int64_t j = 0; i + j < n; ++j) {
+    acc_t dz, u;
+    act_grad_elem<A, FromOut, acc_t>(d[i + j], t[i + j], mu, sc, sh, isc, slope, inv_slope, dz,
+                                     u);
+    a1[j] += dz;
+    a2[j] += dz * u;
+  }
+  acc_t r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+  for (int64_t j = 0; j < L; ++j) {
+    r1 += a1[j];
+    r2 += a2[j];
+  }
+  s1 = r1;
+  s2 = r2;
 }
 
 template <int64_t A, typename scalar_t>
@@ -1623,29 +1614,22 @@ void act_forward_impl(const Tensor& x, const Tensor& mean, const Tensor& inv_std
   const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
   const int64_t C = g.c;
   const acc_t slope = static_cast<acc_t>(slope_d);
-  // mu_b is stored in acc_t, so its hi part is all of it (lo = 0): the backward reads the
-  // same mu_b, and z is then the same value in both.
+  // z = (x - mu_b) * scale + beta with mu_b as stored (acc_t): the backward reads the
+  // same mu_b, so both see the same z.
   std::vector<acc_t> mu(mp, mp + C), sc(C), sh(C);
   for (int64_t ch = 0; ch < C; ++ch) {
     sc[ch] = static_cast<acc_t>(wp ? double(wp[ch]) * double(ip[ch]) : double(ip[ch]));
     sh[ch] = bp ? bp[ch] : acc_t(0);
   }
-  auto loop = [&](const Raw<scalar_t>* xr, Raw<scalar_t>* yr, int64_t len, const auto& m,
-                  const auto& s, const auto& t) {
-    Staging<scalar_t>::map1(
-        xr, yr, len, [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
-          using P = std::decay_t<decltype(m)>;
-          using S = Shifted<acc_t, P>;
-          const P mm = S::at(m, j0), ss = S::at(s, j0), tt = S::at(t, j0);
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            out[i] = act_apply<A, acc_t>((v[i] - mm[i]) * ss[i] + tt[i], slope);
-          }
-        });
-  };
   if (g.layout == Layout::NCS) {
     ncs_runs(g, [&](int64_t ch, int64_t off) {
-      loop(xp + off, yp + off, g.s, One<acc_t>{mu[ch]}, One<acc_t>{sc[ch]}, One<acc_t>{sh[ch]});
+      Staging<scalar_t>::map1(
+          xp + off, yp + off, g.s,
+          [&](int64_t, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+            const acc_t m = mu[ch], s = sc[ch], t = sh[ch];
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) out[i] = act_apply<A, acc_t>((v[i] - m) * s + t, slope);
+          });
     });
     return;
   }
@@ -1653,8 +1637,15 @@ void act_forward_impl(const Tensor& x, const Tensor& mean, const Tensor& inv_std
   const std::vector<acc_t> mu_t = tiled(mu.data(), C, W), sc_t = tiled(sc.data(), C, W),
                            sh_t = tiled(sh.data(), C, W);
   rc_super_rows(g.n * g.s, C, W, [&](int64_t p, int64_t len) {
-    loop(xp + p, yp + p, len, Tile<acc_t>{mu_t.data()}, Tile<acc_t>{sc_t.data()},
-         Tile<acc_t>{sh_t.data()});
+    Staging<scalar_t>::map1(
+        xp + p, yp + p, len,
+        [&](int64_t j0, const auto* __restrict__ v, auto* __restrict__ out, int64_t n) {
+          const acc_t* __restrict__ m = mu_t.data() + j0;
+          const acc_t* __restrict__ s = sc_t.data() + j0;
+          const acc_t* __restrict__ t = sh_t.data() + j0;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) out[i] = act_apply<A, acc_t>((v[i] - m[i]) * s[i] + t[i], slope);
+        });
   });
 }
 
@@ -1692,45 +1683,19 @@ void act_backward_impl(const Tensor& dy, const Tensor& t, const Tensor& w, const
     input_grad_coefs(wp ? static_cast<double>(wp[ch]) : 1.0, ip[ch], s_dz, s_dzu, m, cf.k[ch],
                      cf.a[ch], cf.b[ch]);
   };
-  auto dx_chunk = [](const acc_t* __restrict__ dz, const acc_t* __restrict__ u, acc_t* out,
-                     int64_t n, const auto& k, const auto& a, const auto& b) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = k[j] * dz[j] + a[j] * u[j] + b[j];
-  };
-  // dx over a run (len values from offset off), P per-channel accessors.
-  auto dx_run = [&](int64_t off, int64_t len, const auto& mu, const auto& sc, const auto& sh,
-                    const auto& isc, const auto& k, const auto& a, const auto& b) {
-    using P = std::decay_t<decltype(mu)>;
-    using S = Shifted<acc_t, P>;
-    constexpr int64_t kChunk = Staging<scalar_t>::kChunk;
-    for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, len - j0);
-      acc_t buf[Staging<scalar_t>::kCopy ? kChunk : 1];
-      acc_t* out;  // float and double: dx itself; float16, bfloat16: a buffer stored after
-      if constexpr (Staging<scalar_t>::kCopy) out = buf;
-      else out = dxp + off + j0;
-      for_dz_u<A, FromOut, scalar_t, acc_t>(
-          dp + off + j0, tp + off + j0, n, S::at(mu, j0), S::at(sc, j0), S::at(sh, j0),
-          S::at(isc, j0), slope, inv_slope,
-          [&](int64_t i0, const acc_t* dz, const acc_t* u, int64_t cnt) {
-            dx_chunk(dz, u, out + i0, cnt, S::at(k, j0 + i0), S::at(a, j0 + i0),
-                     S::at(b, j0 + i0));
-          });
-      if constexpr (Staging<scalar_t>::kCopy) Staging<scalar_t>::from_acc(out, dxp + off + j0, n);
-    }
-  };
 
   if (g.layout == Layout::NCS) {
     at::parallel_for(0, C, channel_grain(g), [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        const One<acc_t> mu{cf.mu[ch]}, sc{cf.scale[ch]}, sh{cf.shift[ch]}, isc{cf.inv_scale[ch]};
+        const acc_t mu = cf.mu[ch], sc = cf.scale[ch], sh = cf.shift[ch], isc = cf.inv_scale[ch];
         double t1 = 0, t2 = 0;
         for_each_run(g, ch, 0, g.n * g.s, kBlock, [&](int64_t off, int64_t len) {
-          for_dz_u<A, FromOut, scalar_t, acc_t>(
-              dp + off, tp + off, len, mu, sc, sh, isc, slope, inv_slope,
-              [&](int64_t, const acc_t* dz, const acc_t* u, int64_t n) {
+          Staging<scalar_t>::read2(
+              dp + off, tp + off, len,
+              [&](int64_t, const auto* __restrict__ d, const auto* __restrict__ v, int64_t n) {
                 acc_t s1, s2;
-                block_grad_sums<acc_t>(dz, u, n, acc_t(0), s1, s2);
+                block_act_grad_sums<A, FromOut, acc_t>(d, v, n, mu, sc, sh, isc, slope,
+                                                       inv_slope, s1, s2);
                 t1 += s1;
                 t2 += s2;
               });
@@ -1740,9 +1705,20 @@ void act_backward_impl(const Tensor& dy, const Tensor& t, const Tensor& w, const
     });
     if (!dxp) return;
     ncs_runs(g, [&](int64_t ch, int64_t off) {
-      dx_run(off, g.s, One<acc_t>{cf.mu[ch]}, One<acc_t>{cf.scale[ch]}, One<acc_t>{cf.shift[ch]},
-             One<acc_t>{cf.inv_scale[ch]}, One<acc_t>{cf.k[ch]}, One<acc_t>{cf.a[ch]},
-             One<acc_t>{cf.b[ch]});
+      Staging<scalar_t>::map2(
+          dp + off, tp + off, dxp + off, g.s,
+          [&](int64_t, const auto* __restrict__ d, const auto* __restrict__ v,
+              auto* __restrict__ out, int64_t n) {
+            const acc_t mu = cf.mu[ch], sc = cf.scale[ch], sh = cf.shift[ch],
+                        isc = cf.inv_scale[ch], k = cf.k[ch], a = cf.a[ch], bb = cf.b[ch];
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) {
+              acc_t dz, u;
+              act_grad_elem<A, FromOut, acc_t>(d[i], v[i], mu, sc, sh, isc, slope, inv_slope, dz,
+                                               u);
+              out[i] = k * dz + a * u + bb;
+            }
+          });
     });
     return;
   }
@@ -1753,27 +1729,34 @@ void act_backward_impl(const Tensor& dy, const Tensor& t, const Tensor& w, const
   const std::vector<acc_t> mu_t = tiled(cf.mu.data(), C, W), sc_t = tiled(cf.scale.data(), C, W),
                            sh_t = tiled(cf.shift.data(), C, W),
                            isc_t = tiled(cf.inv_scale.data(), C, W);
-  const Tile<acc_t> mu{mu_t.data()}, sc{sc_t.data()}, sh{sh_t.data()}, isc{isc_t.data()};
   std::vector<double> p1(nt * C, 0.0), p2(nt * C, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       int64_t r0, r1;
       split(rows, nt, task, r0, r1);
-      rc_reduce<acc_t>(C, W, r0, r1, p1.data() + task * C, p2.data() + task * C,
-                       [&](int64_t p, int64_t len, acc_t* __restrict__ a1, acc_t* __restrict__ a2) {
-                         for_dz_u<A, FromOut, scalar_t, acc_t>(
-                             dp + p, tp + p, len, mu, sc, sh, isc, slope, inv_slope,
-                             [&](int64_t j0, const acc_t* __restrict__ dz,
-                                 const acc_t* __restrict__ u, int64_t n) {
-                               acc_t* __restrict__ b1 = a1 + j0;
-                               acc_t* __restrict__ b2 = a2 + j0;
+      rc_reduce<acc_t>(
+          C, W, r0, r1, p1.data() + task * C, p2.data() + task * C,
+          [&](int64_t p, int64_t len, acc_t* __restrict__ a1, acc_t* __restrict__ a2) {
+            Staging<scalar_t>::read2(
+                dp + p, tp + p, len,
+                [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+                    int64_t n) {
+                  const acc_t* __restrict__ mu = mu_t.data() + j0;
+                  const acc_t* __restrict__ sc = sc_t.data() + j0;
+                  const acc_t* __restrict__ sh = sh_t.data() + j0;
+                  const acc_t* __restrict__ isc = isc_t.data() + j0;
+                  acc_t* __restrict__ b1 = a1 + j0;
+                  acc_t* __restrict__ b2 = a2 + j0;
 #pragma omp simd
-                               for (int64_t j = 0; j < n; ++j) {
-                                 b1[j] += dz[j];
-                                 b2[j] += dz[j] * u[j];
-                               }
-                             });
-                       });
+                  for (int64_t j = 0; j < n; ++j) {
+                    acc_t dz, u;
+                    act_grad_elem<A, FromOut, acc_t>(d[j], v[j], mu[j], sc[j], sh[j], isc[j],
+                                                     slope, inv_slope, dz, u);
+                    b1[j] += dz;
+                    b2[j] += dz * u;
+                  }
+                });
+          });
     }
   });
   for (int64_t ch = 0; ch < C; ++ch) {
@@ -1788,8 +1771,25 @@ void act_backward_impl(const Tensor& dy, const Tensor& t, const Tensor& w, const
   const std::vector<acc_t> k_t = tiled(cf.k.data(), C, W), a_t = tiled(cf.a.data(), C, W),
                            b_t = tiled(cf.b.data(), C, W);
   rc_super_rows(rows, C, W, [&](int64_t p, int64_t len) {
-    dx_run(p, len, mu, sc, sh, isc, Tile<acc_t>{k_t.data()}, Tile<acc_t>{a_t.data()},
-           Tile<acc_t>{b_t.data()});
+    Staging<scalar_t>::map2(
+        dp + p, tp + p, dxp + p, len,
+        [&](int64_t j0, const auto* __restrict__ d, const auto* __restrict__ v,
+            auto* __restrict__ out, int64_t n) {
+          const acc_t* __restrict__ mu = mu_t.data() + j0;
+          const acc_t* __restrict__ sc = sc_t.data() + j0;
+          const acc_t* __restrict__ sh = sh_t.data() + j0;
+          const acc_t* __restrict__ isc = isc_t.data() + j0;
+          const acc_t* __restrict__ k = k_t.data() + j0;
+          const acc_t* __restrict__ a = a_t.data() + j0;
+          const acc_t* __restrict__ bb = b_t.data() + j0;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t dz, u;
+            act_grad_elem<A, FromOut, acc_t>(d[j], v[j], mu[j], sc[j], sh[j], isc[j], slope,
+                                             inv_slope, dz, u);
+            out[j] = k[j] * dz + a[j] * u + bb[j];
+          }
+        });
   });
 }
 

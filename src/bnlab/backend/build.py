@@ -51,7 +51,9 @@ from filelock import FileLock
 
 SOURCE = Path(__file__).with_name("bn_cpu.cpp")
 PREBUILT_INFO = Path(__file__).with_name("_bnlab_cpu.json")  # written by setup.py
-BASE_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
+# -fno-trapping-math: IEEE results unchanged (bnlab never enables floating-point traps),
+# but GCC may then compute both sides of a select, so the activation loops vectorize.
+BASE_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-fno-trapping-math"]
 SIMD_CFLAGS = ["-mavx2", "-mfma", "-mf16c"]
 LDFLAGS = ["-fopenmp"]  # links the libgomp torch itself loaded (same soname)
 TORCH_LOGGER = "torch.utils.cpp_extension"
