@@ -324,3 +324,17 @@ def test_trace_in_eval_matches_eager():
     traced = torch.jit.trace(layer, x)
     y = torch.randn(5, 3, 4, 4)
     torch.testing.assert_close(traced(y), layer(y))
+
+
+def test_script_refuses_with_a_fix_that_works():
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.nn.BatchNormAct2d(4, act_layer="leaky_relu"))
+    model.eval()
+    with pytest.raises(RuntimeError, match="unfuse_batchnorm_act"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(
+        bnlab.nn.revert_batchnorm(bnlab.nn.unfuse_batchnorm_act(copy.deepcopy(model)))
+    )
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(scripted(x), model(x))

@@ -322,7 +322,9 @@ def accumulate(model: nn.Module, micro_batches: int | None = None) -> BatchNormA
     forward of the whole mini-batch, for unequal micro-batch sizes too. Each
     micro-batch is still *normalized* with its own statistics (that is accumulation).
 
-    Layers: bnlab's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and torch's
+    Layers: bnlab's ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and fused
+    ``BatchNormAct1d/2d/3d`` (the moments of the layer's input, before its activation,
+    as its own update takes them), and torch's
     ``BatchNorm1d/2d/3d`` (lazy ones once materialized) and ``SyncBatchNorm``. Ghost BN
     and Batch Renorm are refused (TypeError): their updates are not one per batch of
     Algorithm 1. Frozen layers and layers in eval mode are left alone.

@@ -30,6 +30,8 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 import bnlab.functional as BF
 import bnlab.nn.batchnorm as bnlab_bn
 from bnlab.graph import LINEAR_LAYERS, calls_per_module, is_batchnorm, is_sequential_tree, trace
+from bnlab.nn.batchnorm_act import _BatchNormAct
+from bnlab.nn.convert import _refuse_fused_subclasses, _split, unfuse_batchnorm_act
 
 __all__ = [
     "BatchNormNotFoldedWarning",
@@ -203,9 +205,21 @@ def _to_affine(bn: nn.Module) -> ChannelAffine:
     return ChannelAffine(scale, beta, bn.running_mean)
 
 
+def _parts(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, module)]``; for a fused BN + activation layer, its BN part (under its
+    name), then its drop layer and activation, which stay after the folded BN."""
+    if not isinstance(module, _BatchNormAct):
+        return [(name, module)]
+    bn, *rest = _split(module)
+    return [(name, bn), *((f"{name}.{i}", m) for i, m in enumerate(rest, 1))]
+
+
 def _fold_sequential(
     module: nn.Module, report: list[UnfoldedBatchNorm], prefix: str = ""
 ) -> nn.Module:
+    if isinstance(module, _BatchNormAct):  # a lone fused layer: BN, then its activation
+        bn, *rest = _split(module)
+        return nn.Sequential(_fold_sequential(bn, report, prefix or type(module).__name__), *rest)
     if is_batchnorm(module):
         name = prefix or type(module).__name__
         why = "no Linear/ConvNd directly before it; now a ChannelAffine"
@@ -215,10 +229,11 @@ def _fold_sequential(
         return module
     out: list[nn.Module] = []
     for name, child in module.named_children():
-        if is_batchnorm(child) and out and _foldable(out[-1], child):
-            out[-1] = _fused(out[-1], child)
-        else:
-            out.append(_fold_sequential(child, report, f"{prefix}.{name}" if prefix else name))
+        for part_name, part in _parts(f"{prefix}.{name}" if prefix else name, child):
+            if is_batchnorm(part) and out and _foldable(out[-1], part):
+                out[-1] = _fused(out[-1], part)
+            else:
+                out.append(_fold_sequential(part, report, part_name))
     return nn.Sequential(*out)
 
 
@@ -646,6 +661,13 @@ def _region_batchnorm(
         )
     elif "running_mean" not in own or "running_var" not in own:
         bn.why_not = _NO_STATS
+    elif unknown and issubclass(cls, _BatchNormAct):
+        bn.why_not = (
+            f"bnlab {cls.__name__} (BN fused with its activation) was recorded with its "
+            f"activation ({unknown}), which folding would drop; fold the module before "
+            "export, which keeps the activation: "
+            "torch.export.export(bnlab.fold_batchnorm(model.eval()), args)"
+        )
     elif unknown or eps is None:
         bn.why_not = (
             f"bnlab {cls.__name__} was recorded as ATen ops that are not the plain inference "
@@ -759,6 +781,10 @@ def _fold_into_layer(gm: fx.GraphModule, consts: _Consts, bn: _GraphBatchNorm) -
 def _fold_graph(gm: fx.GraphModule, consts: _Consts) -> list[UnfoldedBatchNorm]:
     """Fold every BN of ``gm`` (edited in place) that it can; report the others."""
     report = []
+    if isinstance(consts, _ModuleConsts):
+        # A fused BN + activation call becomes calls of its BN ('<name>.0') and activation
+        # ('<name>.1'): the BN folds like any other, the activation stays after the layer.
+        unfuse_batchnorm_act(gm)
     for bn in _find_batchnorms(gm, consts):
         why = bn.why_not or _fold_into_layer(gm, consts, bn)
         if why is None:
@@ -788,6 +814,7 @@ def _fold_module(model: nn.Module) -> tuple[nn.Module, list[UnfoldedBatchNorm]]:
     for m in model.modules():
         if is_batchnorm(m):
             _check_running_stats(m)
+    _refuse_fused_subclasses(model, "fold_batchnorm")
     model = copy.deepcopy(model)
     report: list[UnfoldedBatchNorm] = []
     with torch.no_grad():
@@ -837,6 +864,15 @@ def fold_batchnorm(
     inference map. Where it is not, fold the module first:
     ``torch.export.export(bnlab.fold_batchnorm(model.eval()), args)``.
 
+    A fused BN + activation layer (:class:`bnlab.nn.BatchNormAct2d`) folds its BN part
+    and keeps its activation (and ``drop`` layer) after the folded layer: in a module or a
+    GraphModule it is split first as :func:`bnlab.nn.unfuse_batchnorm_act` splits it (in
+    a graph its BN is the node of module ``<name>.0``, its activation ``<name>.1``); where
+    its BN cannot be folded it becomes a :class:`ChannelAffine` followed by the
+    activation. In an ExportedProgram, whose graph records the fused activation inside the
+    layer's ops, such a layer is not folded and is reported (fold the module before
+    export).
+
     A BN of a graph that cannot be folded (its input is no Linear/ConvNd output, that
     output has other users, the layer's weight is not a constant or is shared, no
     running statistics, ...) is reported with the reason: a
@@ -868,6 +904,7 @@ def fold_batchnorm(
             report = _fold_graph(gm, consts)
         new = consts.program()
     elif isinstance(model, fx.GraphModule):
+        _refuse_fused_subclasses(model, "fold_batchnorm")
         new = _deepcopy(model)
         with torch.no_grad():
             report = _fold_graph(new, _ModuleConsts(new))

@@ -13,6 +13,13 @@ classes as on bnlab's, and every bnlab converter carries it to the layer it buil
 and the flags :func:`unfreeze_batchnorm` restores. torch's own
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` builds unfrozen layers: use
 ``bnlab.nn.convert_sync_batchnorm``, or freeze after converting.
+
+A fused BN + activation layer (:class:`bnlab.nn.BatchNormAct2d`) freezes as a BN layer:
+its normalization stays in inference mode with fixed gamma and beta, while its
+submodules (``act``, and a ``drop`` layer) are no BN: they keep following ``.train()``
+and ``.eval()``, and their parameters (an ``nn.PReLU``'s, say) are not touched.
+:func:`bnlab.nn.fuse_batchnorm_act` and :func:`bnlab.nn.unfuse_batchnorm_act` keep
+frozen layers frozen.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ _FLAG = "_bnlab_frozen"
 class _StayInEval:
     """Replaces a frozen BN's ``train``: any mode request leaves it in eval mode.
 
-    A module-level class (not a closure) so frozen models still deep-copy and pickle.
+    Only the BN layer itself: its submodules (a fused layer's ``act`` and ``drop``) take
+    the requested mode. A module-level class (not a closure) so frozen models still
+    deep-copy and pickle.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -39,7 +48,10 @@ class _StayInEval:
     def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
-        return nn.Module.train(self.module, False)
+        self.module.training = False
+        for child in self.module.children():
+            child.train(mode)
+        return self.module
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -51,7 +63,7 @@ def _freeze_layer(m: nn.Module, saved_requires_grad: dict[str, bool]) -> None:
     """Keep ``m`` in eval mode; ``saved_requires_grad`` is what unfreezing restores."""
     setattr(m, _FLAG, dict(saved_requires_grad))
     m.train = _StayInEval(m)
-    nn.Module.train(m, False)
+    m.training = False  # the layer only: a fused layer's act and drop keep their modes
 
 
 def _carry_freeze(old: nn.Module, new: nn.Module) -> None:
@@ -101,9 +113,10 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
     for m in bns:
         saved = getattr(m, _FLAG, None)
         if saved is None:  # the first freeze: remember the flags unfreezing restores
-            saved = {n: p.requires_grad for n, p in m.named_parameters()}
+            # The layer's own gamma and beta (recurse=False: not a fused layer's act).
+            saved = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
         _freeze_layer(m, saved)
-        for p in m.parameters():
+        for p in m.parameters(recurse=False):
             p.requires_grad_(train_affine)
     return model
 
@@ -124,7 +137,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
             continue
         saved = getattr(m, _FLAG)
         del m.train  # the class's train() again
-        for n, p in m.named_parameters():
+        for n, p in m.named_parameters(recurse=False):
             p.requires_grad_(saved.get(n, True))
         delattr(m, _FLAG)
         m.train(model.training)

@@ -80,9 +80,13 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 def is_sequential_tree(module: nn.Module) -> bool:
-    """Every container is an nn.Sequential, so execution order is the child order."""
+    """Every container is an nn.Sequential, so execution order is the child order.
+
+    A BN layer is a leaf, even one with submodules (a fused BN + activation layer,
+    :class:`bnlab.nn.BatchNormAct2d`, holds its ``act`` and ``drop``).
+    """
     children = list(module.children())
-    if not children:
+    if not children or is_batchnorm(module):
         return not isinstance(module, nn.ModuleList | nn.ModuleDict)
     return type(module) is nn.Sequential and all(is_sequential_tree(c) for c in children)
 

@@ -12,8 +12,10 @@ from bnlab.nn.batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3
 from bnlab.nn.convert import (
     convert_to_batch_renorm,
     convert_to_ghost_batchnorm,
+    fuse_batchnorm_act,
     replace_batchnorm,
     revert_batchnorm,
+    unfuse_batchnorm_act,
 )
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -38,7 +40,9 @@ __all__ = [
     "convert_sync_batchnorm",
     "convert_to_batch_renorm",
     "convert_to_ghost_batchnorm",
+    "fuse_batchnorm_act",
     "replace_batchnorm",
     "revert_batchnorm",
     "revert_sync_batchnorm",
+    "unfuse_batchnorm_act",
 ]

@@ -263,6 +263,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 "script a copy whose BN layers are torch's, with the same state: "
                 "torch.jit.script(bnlab.nn.revert_batchnorm(copy.deepcopy(model)))"
             )
+        elif hasattr(self, "act"):  # a fused BN + activation layer (bnlab.nn.BatchNormAct2d)
+            fix = (
+                "script a copy with the layers unfused and torch's BN: torch.jit.script("
+                "bnlab.nn.revert_batchnorm(bnlab.nn.unfuse_batchnorm_act(copy.deepcopy(model))))"
+            )
         else:
             fix = (
                 f"{name} has no TorchScript form; for deployment put the model in eval mode "

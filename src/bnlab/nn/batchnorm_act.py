@@ -90,8 +90,16 @@ class _BatchNormAct(_BatchNorm):
             writes its input).
         drop_layer: a module class applied between BN and the activation (timm's
             DropBlock, say); the layer then runs unfused.
+        bias: (keyword-only, as in PyTorch) learn beta; False keeps gamma only.
         memory: ``"standard"`` keeps the input for the backward; ``"save"`` keeps only
             the output (InPlace-ABN) and needs an invertible activation.
+
+    Tools that find BN layers by ``isinstance`` and swap them for another class see
+    the BN part only. bnlab's own converters handle fused layers or refuse them with the
+    fix (:func:`bnlab.nn.unfuse_batchnorm_act` first); torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` and swaps to ``FrozenBatchNorm2d``
+    (timm, detectron2) drop the activation, as they do for timm's own layer: unfuse
+    before calling them.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class _BatchNormAct(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         memory: str = "standard",
     ) -> None:
         super().__init__(
@@ -119,6 +128,7 @@ class _BatchNormAct(_BatchNorm):
             track_running_stats=track_running_stats,
             device=device,
             dtype=dtype,
+            bias=bias,
         )
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _make_act(act_layer if apply_act else None, act_kwargs, inplace)
@@ -182,7 +192,7 @@ class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
 
     Example::
 
-        >>> import torch, bnlab
+        >>> import torch, bnlab.nn
         >>> layer = bnlab.nn.BatchNormAct2d(8, act_layer="leaky_relu", memory="save")
         >>> layer(torch.randn(4, 8, 5, 5)).shape
         torch.Size([4, 8, 5, 5])

@@ -41,6 +41,7 @@ from bnlab.nn.convert import (
     _SYNC_CLASSES,
     _TO_BNLAB,
     _TO_TORCH,
+    _refuse_fused,
     map_modules,
     swap_module_class,
 )
@@ -301,7 +302,16 @@ _BN_TYPES = (
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Replace every BN (bnlab's or PyTorch's, incl. torch's SyncBatchNorm) by bnlab's
-    SyncBatchNorm, sharing parameters and buffers; children in place, root returned."""
+    SyncBatchNorm, sharing parameters and buffers; children in place, root returned.
+
+    Raises:
+        TypeError: the model holds a fused BN + activation layer
+            (:class:`bnlab.nn.BatchNormAct2d`): SyncBatchNorm has no fused form, and
+            leaving the layer would keep its statistics per process.
+            ``convert_sync_batchnorm(unfuse_batchnorm_act(model))`` converts its BN part
+            and keeps its activation (see :func:`bnlab.nn.unfuse_batchnorm_act`).
+    """
+    _refuse_fused(module, "convert_sync_batchnorm")
 
     def to_sync(m: nn.Module) -> nn.Module | None:
         if type(m) not in _BN_TYPES:
@@ -317,7 +327,8 @@ def revert_sync_batchnorm(module: nn.Module, cls: type | None = None) -> nn.Modu
     """The reverse of :func:`convert_sync_batchnorm`.
 
     Each SyncBatchNorm becomes the class it was converted from, or ``cls`` (for
-    example ``bnlab.nn.BatchNorm2d``) when it was built directly.
+    example ``bnlab.nn.BatchNorm2d``) when it was built directly. Other layers, fused
+    BN + activation layers (:class:`bnlab.nn.BatchNormAct2d`) included, stay as they are.
 
     Raises:
         ValueError: a SyncBatchNorm of unknown origin and no ``cls`` given.

@@ -191,8 +191,10 @@ def recompute_population_stats(
     other module stay in eval mode. A forward pre-hook on each BN layer records
     the mini-batch mean mu_B and biased variance sigma2_B of its input, per
     channel over m values (m = N for (N, C) input, m' = N * H * W for
-    convolutional input, Section 3.2). The layers' own running-statistic
-    updates are disabled during the pass. Then (step 10)
+    convolutional input, Section 3.2); for a fused BN + activation layer
+    (:class:`bnlab.nn.BatchNormAct2d`) that is its input, before the activation, and its
+    ``act`` and ``drop`` submodules stay in eval mode with the other modules. The layers'
+    own running-statistic updates are disabled during the pass. Then (step 10)
 
     * ``estimator="paper"``: E[x] = E_B[mu_B] and Var[x] = E_B[m/(m-1) sigma2_B],
       each batch weighted by its m, so unequal batch sizes (a short last batch)
