@@ -1510,13 +1510,39 @@ py::object train_step(const Tensor& x, const c10::optional<Tensor>& weight,
 
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3, kSigmoid = 4 };
 
+// e^x for the activation loops: std::exp for double; for float a polynomial the compiler
+// vectorizes (glibc's expf is a call per value, which left the fused SiLU 1.2-2.3x slower
+// than torch's vectorized one). Range reduction x = n ln2 + r (ln2 in two parts), then
+// Cephes' degree-5 polynomial for e^r on |r| <= ln2 / 2 and 2^n from the exponent bits:
+// within 2 ulp of e^x on [-87, 88]; beyond, the result saturates (e^-87 = 1.6e-38 and
+// e^88 = 1.7e38, which leave sigmoid and SiLU within 1e-38 of their values); NaN stays NaN.
+inline double exp_vec(double x) { return std::exp(x); }
+
+inline float exp_vec(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float out = e * scale;
+  return x != x ? x : out;
+}
+
 template <int64_t A, typename acc_t>
 inline acc_t act_apply(acc_t z, acc_t slope) {
   if constexpr (A == kIdentity) return z;
   if constexpr (A == kRelu) return z > acc_t(0) ? z : acc_t(0);
   if constexpr (A == kLeakyRelu) return z > acc_t(0) ? z : z * slope;
-  if constexpr (A == kSilu) return z / (acc_t(1) + std::exp(-z));
-  if constexpr (A == kSigmoid) return acc_t(1) / (acc_t(1) + std::exp(-z));
+  if constexpr (A == kSilu) return z / (acc_t(1) + exp_vec(-z));
+  if constexpr (A == kSigmoid) return acc_t(1) / (acc_t(1) + exp_vec(-z));
 }
 
 // dy * f'(z), with torch's values at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and
@@ -1529,7 +1555,7 @@ inline acc_t act_grad(acc_t d, acc_t z, acc_t slope) {
   if constexpr (A == kRelu) return z > acc_t(0) ? d : acc_t(0);
   if constexpr (A == kLeakyRelu) return z > acc_t(0) ? d : d * slope;
   if constexpr (A == kSilu || A == kSigmoid) {
-    const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+    const acc_t s = acc_t(1) / (acc_t(1) + exp_vec(-z));
     if constexpr (A == kSilu) return d * (s * (acc_t(1) + z * (acc_t(1) - s)));
     else return d * (s * (acc_t(1) - s));
   }
