@@ -16,6 +16,14 @@ import bnlab.nn
 from bnlab import backend
 
 ACTS = ("identity", "relu", "leaky_relu", "silu", "sigmoid")
+
+
+@pytest.fixture(autouse=True)
+def always_fused(monkeypatch):
+    """The small test inputs take the fused kernels too (not the small-input route)."""
+    monkeypatch.setattr(BF, "FUSE_ABOVE", 0)
+
+
 SLOPE = 0.2
 PATHS = ("compiled", "torch")
 
@@ -338,3 +346,19 @@ def test_script_refuses_with_a_fix_that_works():
     )
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_small_inputs_route_through_bn_then_activation_with_the_same_math(path, monkeypatch):
+    monkeypatch.setattr(BF, "FUSE_ABOVE", 1 << 16)
+    with backend.using(path):
+        for act in ACTS:
+            x, w, b, gy = _case("2d", layouts()[0][1], (60, 100), torch.float64)
+            got = _run(x, w, b, gy, act, "standard")
+            for g, r in zip(got, reference(x, w, b, act, gy)):
+                assert _rel(g, r) < 1e-12
+            # memory="save" keeps its promise at every size: only the output is saved
+            layer = bnlab.nn.BatchNormAct1d(100, act_layer="leaky_relu", memory="save")
+            xs = torch.randn(60, 100, requires_grad=True)
+            y, saved = _saved_storages(lambda layer=layer, xs=xs: layer(xs))
+            assert xs.untyped_storage().data_ptr() not in {p for p, _ in saved}

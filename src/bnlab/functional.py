@@ -330,6 +330,9 @@ def _dispatch(
 
 
 MEMORY_MODES = ("standard", "save")
+# Inputs of at most this many values run BN, then the activation, in memory="standard"
+# (see _dispatch_act); larger ones the fused kernels.
+FUSE_ABOVE = 1 << 16
 
 
 def check_activation(activation: str, negative_slope: float, memory: str) -> None:
@@ -382,6 +385,9 @@ def batch_norm_act(
     In training the compiled CPU kernels make one statistics pass and one output pass
     that applies f, and a backward of two passes that recompute z = BN(x) per value: no
     intermediate tensor is written (see :class:`bnlab.autograd.BatchNormActFunction`).
+    Inputs of at most 65,536 values (``FUSE_ABOVE``) in ``memory="standard"`` run the
+    one-call BN step and then f instead: there per-call overhead is the cost, not memory
+    traffic. The same math either way.
 
     Args:
         activation: one of :data:`ACTIVATIONS` (``"identity"``, ``"relu"``,
@@ -445,6 +451,22 @@ def _dispatch_act(
             )
         z = normalize_by_stats(input, running_mean, running_var, weight, bias, eps)
         return _activate_output(z, activation, negative_slope), None, None, None
+    if memory == "standard" and input.numel() <= FUSE_ABOVE:
+        # Small inputs: per-call overhead, not memory traffic, is the cost there, and the
+        # compiled one-call BN step followed by the activation has less of it (60x100:
+        # 60 us against the fused Function's 147 us, torch's 77 us). The same math.
+        y, mu_b, biased_var_b, skipped = _dispatch(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            True,
+            momentum,
+            eps,
+            num_batches_tracked,
+        )
+        return activate(y, activation, negative_slope), mu_b, biased_var_b, skipped
     # memory="save" recovers x - mu = (z - beta) / (gamma inv_std): not where gamma is 0.
     save_output = memory == "save" and (weight is None or bool((weight != 0).all()))
     y, mu_b, biased_var_b = batch_norm_act_train(
