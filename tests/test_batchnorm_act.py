@@ -362,3 +362,19 @@ def test_small_inputs_route_through_bn_then_activation_with_the_same_math(path, 
             xs = torch.randn(60, 100, requires_grad=True)
             y, saved = _saved_storages(lambda layer=layer, xs=xs: layer(xs))
             assert xs.untyped_storage().data_ptr() not in {p for p, _ in saved}
+
+
+def test_export_in_eval_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        bnlab.nn.BatchNormAct2d(8, act_layer="silu"),
+        nn.Conv2d(8, 4, 3),
+        bnlab.nn.BatchNormAct2d(4, act_layer="leaky_relu", memory="save"),
+    )
+    for _ in range(3):
+        model(torch.randn(4, 3, 12, 12))
+    model.eval()
+    x = torch.randn(2, 3, 12, 12)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=1e-6)

@@ -468,7 +468,12 @@ def _dispatch_act(
         )
         return activate(y, activation, negative_slope), mu_b, biased_var_b, skipped
     # memory="save" recovers x - mu = (z - beta) / (gamma inv_std): not where gamma is 0.
-    save_output = memory == "save" and (weight is None or bool((weight != 0).all()))
+    # (torch.compile traces the composition of BN and f, which saves what autograd saves.)
+    save_output = (
+        memory == "save"
+        and not torch.compiler.is_compiling()
+        and (weight is None or bool((weight != 0).all()))
+    )
     y, mu_b, biased_var_b = batch_norm_act_train(
         input, weight, bias, eps, activation, negative_slope, save_output
     )
