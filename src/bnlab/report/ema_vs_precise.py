@@ -17,13 +17,10 @@ import numpy as np
 
 from bnlab.report import ReportError
 from bnlab.report.render import (
-    environment_line,
-    markdown_table,
+    render_template,
     report_from_records,
     save_figure,
-    smoke_banner,
     subplots,
-    verdict_table,
 )
 from bnlab.report.stats import (
     Verdict,
@@ -221,75 +218,20 @@ def _figure(summary: dict, config: dict, path: Path) -> None:
 
 
 def _markdown(summary: dict, config: dict, env: dict) -> str:
-    rows = []
-    for b in summary["batch_sizes"]:
-        a = summary["arms"][str(b)]
-        rows.append(
-            [
-                str(b),
-                f"{a['lr']:g}",
-                f"{a['steps']:,}",
-                fmt_pct(a["ema_final"]),
-                fmt_pct(a["precise_final"]),
-                fmt_pp(a["gap_over_training"]),
-                fmt_pp(a["gap_final"]),
-                f"{100 * a['largest_gap']:+.1f}",
-                fmt_diverged({int(k): v for k, v in a["diverged"].items()}) or "—",
-            ]
-        )
-    data = config["data"] or "the packaged MNIST subset (4,000 training, 1,000 test images)"
-    return "\n".join(
-        [
-            "# EMA against precise BN statistics (beyond the paper)",
-            "",
-            *smoke_banner(config),
-            "The paper (Section 3.1, Algorithm 2, steps 8-10) sets inference statistics from "
-            "many training mini-batches with the final weights, and mentions moving averages "
-            f"for tracking accuracy during training. Expected here: {EXPECTED}",
-            "",
-            "![EMA against precise statistics](ema_vs_precise.png)",
-            "",
-            "## Verdicts",
-            "",
-            verdict_table(summary["verdicts"]),
-            "",
-            "## Every batch size",
-            "",
-            markdown_table(
-                [
-                    "batch",
-                    "lr",
-                    "steps",
-                    "final acc. (EMA)",
-                    "final acc. (precise)",
-                    "precise − EMA over training",
-                    "precise − EMA at the end",
-                    "largest mean gap (points)",
-                    "diverged",
-                ],
-                rows,
-            ),
-            "",
-            "## What was run",
-            "",
-            f"- **Data:** {data}.",
-            "- **Network:** the Figure 1 network (784-100-100-100-10, sigmoid) with BN before "
-            f"each sigmoid (`bnlab.insert_batchnorm`, momentum {config['bn_momentum']:g}), "
-            f"initialization {config['init']}.",
-            f"- **Training:** {config['epochs']:g} epochs at every batch size, SGD with momentum "
-            f"{config['momentum']}, learning rate {config['lr']:g} at batch "
-            f"{summary['batch_sizes'][0]} scaled linearly with the batch size; "
-            f"{config['seeds']} seed(s) per batch size; {config['evals']} evaluations after "
-            "step 0.",
-            "- **Evaluation:** every evaluation twice on the test set: with the EMA running "
-            "statistics, and with precise statistics (`TrainJob.precise_bn`: "
-            "`bnlab.recompute_population_stats` over the next "
-            f"{config['precise_bn']:,} training examples, in whole batches of the arm's size, "
-            "with the weights being evaluated); the EMA is restored afterwards, so training "
-            "is the same as without precise statistics.",
-            environment_line(env),
-            "",
-        ]
+    diverged = {
+        b: fmt_diverged({int(k): v for k, v in summary["arms"][str(b)]["diverged"].items()})
+        for b in summary["batch_sizes"]
+    }
+    arms = {
+        str(b): {**summary["arms"][str(b)], "diverged_text": diverged[b]}
+        for b in summary["batch_sizes"]
+    }
+    return render_template(
+        "ema_vs_precise.md.j2",
+        summary={**summary, "arms": arms},
+        config=config,
+        env=env,
+        expected=EXPECTED,
     )
 
 
