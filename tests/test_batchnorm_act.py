@@ -378,3 +378,44 @@ def test_export_in_eval_matches_eager():
     x = torch.randn(2, 3, 12, 12)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_without_gamma_or_beta(path):
+    """affine=False (no gamma, no beta) and bias=False (gamma only), both memory modes."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64) * 2 + 1
+    gy = torch.randn_like(x)
+    with backend.using(path):
+        for memory in ("standard", "save"):
+            for kwargs in ({"affine": False}, {"bias": False}):
+                layer = bnlab.nn.BatchNormAct2d(
+                    4,
+                    act_layer="leaky_relu",
+                    act_kwargs={"negative_slope": SLOPE},
+                    memory=memory,
+                    **kwargs,
+                ).double()
+                if layer.weight is not None:
+                    with torch.no_grad():
+                        layer.weight.uniform_(0.5, 1.5)
+                xs = x.clone().requires_grad_()
+                y = layer(xs)
+                y.backward(gy)
+                w = layer.weight if layer.weight is not None else torch.ones(4).double()
+                want = reference(x, w, torch.zeros(4).double(), "leaky_relu", gy)
+                assert _rel(y, want[0]) < 1e-12 and _rel(xs.grad, want[1]) < 1e-12
+                if layer.weight is not None:
+                    assert _rel(layer.weight.grad, want[2]) < 1e-12
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch_trains_as_torch(path):
+    layer = bnlab.nn.BatchNormAct2d(3, act_layer="silu")
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    with backend.using(path):
+        y = layer(x)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros(3))
+    assert torch.equal(layer.running_mean, torch.zeros(3))
