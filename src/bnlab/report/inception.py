@@ -64,6 +64,7 @@ COLORS = {
     "inception-sigmoid": "#7f7f7f",
     "bn-x30-init": "#bcbd22",
     "bn-x30-dropout": "#17becf",
+    "bn-x5-shard": "#e377c2",  # its own colour: matplotlib's next one is bn-baseline's blue
 }
 
 
