@@ -216,6 +216,25 @@ def _refuse_momentum_none() -> None:
     )
 
 
+def _check_call(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+) -> None:
+    """The functional forms' checks (:func:`batch_norm`, :func:`batch_norm_act`), before
+    any state changes."""
+    if momentum is None:
+        _refuse_momentum_none()
+    check_batch_norm_input(input, training, eps)
+    _check_channel_sizes(input, running_mean, running_var, weight, bias)
+    check_batch_norm_state(input, weight, bias, running_mean, running_var)
+
+
 def _batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -230,11 +249,7 @@ def _batch_norm(
     """:func:`batch_norm_tracked`; ``skipped`` only when ``tracked`` (else None), as
     building it costs a small op per call. The functional form's checks, then
     :func:`_dispatch`."""
-    if momentum is None:
-        _refuse_momentum_none()
-    check_batch_norm_input(input, training, eps)
-    _check_channel_sizes(input, running_mean, running_var, weight, bias)
-    check_batch_norm_state(input, weight, bias, running_mean, running_var)
+    _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mu_b, biased_var_b, skipped = _dispatch(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
@@ -406,11 +421,7 @@ def batch_norm_act(
         :func:`check_activation`).
     """
     check_activation(activation, negative_slope, memory)
-    if momentum is None:
-        _refuse_momentum_none()
-    check_batch_norm_input(input, training, eps)
-    _check_channel_sizes(input, running_mean, running_var, weight, bias)
-    check_batch_norm_state(input, weight, bias, running_mean, running_var)
+    _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, _, _, _ = _dispatch_act(
         input,
         running_mean,

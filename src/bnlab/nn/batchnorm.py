@@ -290,7 +290,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 return self._forward(input)
         return self._forward(input)
 
-    def _forward(self, input: Tensor) -> Tensor:
+    def _checked_state(self, input: Tensor) -> tuple[Tensor | None, ...]:
+        """Check ``input`` and the layer's state for a forward, before any state changes.
+
+        Returns:
+            ``(weight, bias, running_mean, running_var, use_batch_stats)``; the running
+            statistics None where this forward must neither read nor update them.
+        """
         self._check_input_dim(input)
         weight, bias, running_mean, running_var = self._check_state_sizes()
         # Batch statistics in training, and in eval when no running ones are kept.
@@ -304,6 +310,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         )
         if use_batch_stats and not self._updates_running_stats():
             running_mean = running_var = None  # batch statistics only: nothing to update
+        return weight, bias, running_mean, running_var, use_batch_stats
+
+    def _forward(self, input: Tensor) -> Tensor:
+        weight, bias, running_mean, running_var, use_batch_stats = self._checked_state(input)
         y, mu_b, biased_var_b, skipped = BF._dispatch(
             input,
             running_mean,

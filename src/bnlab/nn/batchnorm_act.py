@@ -156,15 +156,7 @@ class _BatchNormAct(_BatchNorm):
         memory = self.memory
         if memory == "save" and activation == "leaky_relu" and not slope > 0:
             memory = "standard"  # act was changed after construction: not invertible now
-        self._check_input_dim(input)
-        weight, bias, running_mean, running_var = self._check_state_sizes()
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        BF.check_batch_norm_input(input, use_batch_stats, self.eps)
-        BF.check_batch_norm_state(
-            input, weight, bias, running_mean, running_var, type(self).__name__
-        )
-        if use_batch_stats and not self._updates_running_stats():
-            running_mean = running_var = None
+        weight, bias, running_mean, running_var, use_batch_stats = self._checked_state(input)
         y, mu_b, biased_var_b, skipped = BF._dispatch_act(
             input,
             running_mean,
