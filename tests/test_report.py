@@ -12,6 +12,7 @@ from bnlab.report import (
     batch_noise,
     batch_size,
     dropout,
+    ema_vs_precise,
     figure1,
     inception,
     lr_init,
@@ -24,7 +25,8 @@ from bnlab.report.stats import fmt_pct, fmt_steps
 # every report whose prose is a template, by the template's name
 REPORTS = {"figure1.md.j2": figure1, "inception.md.j2": inception, "lr_init.md.j2": lr_init,
            "dropout.md.j2": dropout, "shift.md.j2": shift, "batch_size.md.j2": batch_size,
-           "batch_noise.md.j2": batch_noise}  # fmt: skip
+           "batch_noise.md.j2": batch_noise,
+           "ema_vs_precise.md.j2": ema_vs_precise}  # fmt: skip
 
 CONFIG = {"thresholds": [0.9, 0.95], "unit": 0}
 
