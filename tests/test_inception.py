@@ -64,6 +64,8 @@ def test_presets_and_validation():
         dict(batch_size=1),
         dict(decay=0.0),
         dict(steps=0),
+        dict(bn_steps=-1),
+        dict(steps=100, bn_steps=101),
     ):
         with pytest.raises(ValueError):
             validate(config_for("quick", **bad))
@@ -99,6 +101,23 @@ def test_process_slices_of_a_batch_join_to_the_whole_batch(tmp_path):
     b, yb = job.batch(3, slice(16, 32))
     assert torch.equal(x, torch.cat([a, b])) and torch.equal(y, torch.cat([ya, yb]))
     assert not torch.equal(x, job.batch(4, slice(0, 32))[0])
+
+
+def test_bn_steps_stop_the_bn_networks_early_on_the_full_runs_schedule(tmp_path):
+    """--bn-steps cuts the BN networks to the start of the full run: the same learning
+    rate at every step they train; Inception trains all --steps."""
+    from bnlab.distributed import DistInfo
+    from bnlab.experiments.inception import build_job
+
+    full = config_for("quick", steps=200)
+    cut = config_for("quick", steps=200, bn_steps=60)
+    for name in ("bn-x5", "bn-baseline"):
+        a, b = (build_job(name, c, DistInfo(), tmp_path) for c in (full, cut))
+        assert (a.steps, b.steps) == (200, 60)
+        assert [b.lr_at(t) for t in range(60)] == [a.lr_at(t) for t in range(60)]
+        assert b.lr_at(59) < b.lr_at(0)  # the decay is the 200-step run's
+    assert build_job("inception", cut, DistInfo(), tmp_path).steps == 200
+    assert config_for("long").bn_steps < config_for("long").steps
 
 
 def test_ensemble_averages_member_probabilities():

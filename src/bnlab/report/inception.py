@@ -228,7 +228,8 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
                 unit="x",
                 precondition=at_chance,
                 missing=f"{name} did not reach {_target_text(summary)} in every seed, or "
-                "Inception reached it in some seeds only; train longer (--steps)",
+                "Inception reached it in some seeds only; train longer (--steps, or --bn-steps "
+                "where the BN networks stopped early)",
                 result=(f"{_speedup_text(s)} fewer" if estimate else "no speed-up measured:")
                 + f" steps to {_target_text(summary)} (per seed: "
                 f"inception {fmt_steps(ref['steps_to_target'])}, {name} "
