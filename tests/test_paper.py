@@ -66,17 +66,21 @@ def test_estimate_times_every_arm_and_restores_threads():
     cfg = config_from(figure1, "quick", steps=200, eval_every=100, seeds=1)
     threads = torch.get_num_threads()
     for workers in (1, 2):  # in this process, and in a pool as the run would
-        est = estimate(EXPERIMENTS["figure1"], cfg, workers=workers, steps=2, startup=1.0)
+        est = estimate(EXPERIMENTS["figure1"], cfg, workers=workers, steps=2)
         assert torch.get_num_threads() == threads
         assert [a.arm for a in est.arms] == ["baseline", "bn"]
+        if workers > 1:  # a fresh worker per arm: Python, torch, data, build, first step
+            assert est.cold_start_seconds > max(a.build_seconds for a in est.arms)
+        else:  # the arms train in this process
+            assert est.cold_start_seconds == 0
         for a in est.arms:
             assert a.steps == 200 and a.evals == 3 and a.step_seconds > 0 and a.eval_seconds > 0
             assert a.final_seconds > 0  # figure1's final population statistics and test
             # (timed on the first arm, scaled by evaluation time for the others)
+            start = est.cold_start_seconds or a.build_seconds + a.step_seconds + a.eval_seconds
             assert a.seconds == pytest.approx(
-                1.0 + a.build_seconds + 200 * a.step_seconds + 3 * a.eval_seconds
-                + a.final_seconds
-            )  # fmt: skip
+                start + 199 * a.step_seconds + 2 * a.eval_seconds + a.final_seconds
+            )
         assert est.workers == workers
         total = sum if workers == 1 else max
         assert est.seconds == pytest.approx(total(a.seconds for a in est.arms))

@@ -21,7 +21,7 @@ from pathlib import Path
 from bnlab.commands import HelpFormatter
 from bnlab.commands.run import add_run_options, resume_command, run_from_cli
 from bnlab.data import CIFARDataError, MNISTDataError
-from bnlab.experiments.estimate import estimate, fmt_duration, startup_seconds
+from bnlab.experiments.estimate import estimate, fmt_duration
 from bnlab.experiments.protocol import DEFAULT_PRESET, PRESET_NAMES, config_from
 from bnlab.lab import EXPERIMENTS, Experiment
 from bnlab.report import ReportError
@@ -145,10 +145,9 @@ def _run(args: argparse.Namespace) -> int:
     # Forecast from a timed calibration on this machine, before any training.
     if pending and not args.no_estimate:
         log(f"{_NAME} ({args.preset} preset): calibrating on this machine ...")
-        start_up = startup_seconds()
         total = 0.0
         for name in pending:
-            est = estimate(EXPERIMENTS[name], configs[name], args.workers, startup=start_up)
+            est = estimate(EXPERIMENTS[name], configs[name], args.workers)
             times.setdefault(name, {})["forecast_seconds"] = round(est.seconds, 1)
             total += est.seconds
             log(
