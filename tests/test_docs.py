@@ -161,3 +161,18 @@ def test_plain_text_math_becomes_valid_rst():
         "    >>> abs(-1) * 2",
         "    2",
     ]
+
+
+def test_user_facing_text_cites_papers_not_project_files():
+    """Docstrings (which --help and the API reference show), report templates and docs
+    cite the papers (docs/references.md), never files users do not have."""
+    texts = [*ROOT.glob("src/bnlab/**/*.py"), *ROOT.glob("src/bnlab/**/*.j2")]
+    texts += [*ROOT.glob("docs/*.md"), *ROOT.glob("docs/readme/*.md"), ROOT / "README.md"]
+    pattern = re.compile(r"PAPER\.md|shared/|the review's|the issue's")
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in texts
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, found

@@ -1,11 +1,12 @@
 """The Batch Normalizing Transform as pure tensor math.
 
-Every formula of the paper lives here once (Ioffe & Szegedy 2015, see
-``PAPER.md``). This is the bottom of bnlab's dependency chain:
+Every formula of the paper lives here once (Ioffe & Szegedy 2015; the references
+page of the documentation lists every paper cited). This is the bottom of bnlab's
+dependency chain:
 :mod:`bnlab.autograd` wraps it in an ``autograd.Function`` and
 :mod:`bnlab.functional` (the public functional API, which re-exports these
 names) dispatches to it. There are no modules and no global state in this file.
-The last sections hold the math of two related methods (PAPER.md Section 10):
+The last sections hold the math of two related methods (Ioffe 2017; Hoffer et al. 2017):
 Batch Renormalization and ghost batch normalization.
 
 Conventions
@@ -633,7 +634,7 @@ def update_running_stats(
 
 
 # --------------------------------------------------------------------------
-# Batch Renormalization (Ioffe 2017; PAPER.md Section 10)
+# Batch Renormalization (Ioffe 2017)
 # --------------------------------------------------------------------------
 
 
@@ -648,7 +649,7 @@ def batch_renorm_limits(
 ) -> tuple[Tensor, Tensor]:
     """The clipping limits (rmax, dmax) of Batch Renorm at training step ``step``.
 
-    The schedule of Ioffe 2017 (PAPER.md Section 10): plain BN (rmax = 1,
+    The schedule of Ioffe 2017: plain BN (rmax = 1,
     dmax = 0) for the first ``warmup_steps`` steps, then each limit rises
     linearly to its final value, reached at step ``rmax_steps`` (resp.
     ``dmax_steps``) and kept afterwards:
@@ -821,7 +822,7 @@ def batch_renorm_backward(
 
 
 # --------------------------------------------------------------------------
-# Ghost batch normalization (Hoffer et al. 2017; PAPER.md Section 10)
+# Ghost batch normalization (Hoffer et al. 2017)
 # --------------------------------------------------------------------------
 
 

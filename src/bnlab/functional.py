@@ -1,7 +1,7 @@
 """The functional API of batch normalization, as ``torch.nn.functional`` has it.
 
 :func:`batch_norm` has the signature of ``torch.nn.functional.batch_norm``:
-training mode is Algorithm 1 (Ioffe & Szegedy 2015, see ``PAPER.md``) with
+training mode is Algorithm 1 (Ioffe & Szegedy 2015) with
 the explicit closed-form backward of :mod:`bnlab.autograd`, eval mode the
 fixed affine map of Algorithm 2, step 11.
 
@@ -19,7 +19,7 @@ others keep working. Dependencies run one way:
 ``functional -> autograd -> core``; see :mod:`bnlab.core` for the
 conventions (channel dim 1, PyTorch's momentum) and the numerics.
 
-:func:`batch_renorm` is Batch Renormalization (Ioffe 2017, PAPER.md Section 10)
+:func:`batch_renorm` is Batch Renormalization (Ioffe 2017)
 with its explicit-backward :class:`BatchRenormTrainFunction` (kept here, beside
 its one entry point); its math is in :mod:`bnlab.core` too.
 """
@@ -580,7 +580,7 @@ def _check_channel_sizes(
 
 
 # --------------------------------------------------------------------------
-# Batch Renormalization (Ioffe 2017; PAPER.md Section 10)
+# Batch Renormalization (Ioffe 2017)
 # --------------------------------------------------------------------------
 
 
@@ -663,7 +663,7 @@ def batch_renorm(
     rmax: float | Tensor = 3.0,
     dmax: float | Tensor = 5.0,
 ) -> Tensor:
-    """Batch Renormalization (Ioffe 2017; PAPER.md Section 10), functional form.
+    """Batch Renormalization (Ioffe 2017), functional form.
 
     In training mode:
 

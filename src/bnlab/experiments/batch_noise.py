@@ -1,6 +1,6 @@
 """BN normalizes with random statistics: is their noise small next to the shift it removes?
 
-The review's second objection (PAPER.md Section 9): mu_B and sigma2_B are
+A standing objection to the paper's explanation: mu_B and sigma2_B are
 themselves random (Algorithm 1), so BN may inject as much change into the
 normalized activations as it removes, and the paper never shows that it reduces
 internal covariate shift rather than reparameterizing it. This experiment trains

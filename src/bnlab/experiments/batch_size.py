@@ -1,7 +1,7 @@
 """BN as the mini-batch shrinks: from 256 examples to 2, at a fixed number of examples seen.
 
 BN's statistics come from the mini-batch, so they get noisier as it shrinks
-(PAPER.md Section 9: "small batches make them unreliable"). This experiment
+(Ioffe 2017 names small mini-batches as where BN falls short). This experiment
 trains the Section 4.1 network at batch sizes from 256 down to 2, every run
 seeing the same number of training examples (so smaller batches take more
 steps), with these normalizations before each sigmoid:

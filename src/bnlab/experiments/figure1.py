@@ -5,8 +5,8 @@ accuracy (Figure 1a), and the input distribution of a sigmoid in the last
 hidden layer is much more stable with BN (Figures 1b, 1c: its 15th, 50th and
 85th percentiles over training).
 
-Protocol (PAPER.md, Section 6; what the paper leaves unstated is chosen as in
-a public PyTorch reproduction, PAPER.md Section 10): 784-100-100-100-10, sigmoid
+Protocol (Section 4.1 of the paper; what it leaves unstated is chosen as in a
+public PyTorch reproduction of Figure 1): 784-100-100-100-10, sigmoid
 hidden units, weights N(0, 0.01^2), biases 0, cross-entropy, mini-batches of 60,
 50,000 steps, SGD with momentum 0.9 and learning rate 0.01, identical for both
 arms. The BN arm is ``bnlab.insert_batchnorm`` of the baseline network, so both

@@ -1,9 +1,10 @@
 """Does BN work by reducing internal covariate shift? Measured, not assumed.
 
 The paper (Sections 1-2) says BN speeds training by reducing internal covariate
-shift (ICS), but never measures ICS (PAPER.md Section 9). Santurkar et al. (2018)
+shift (ICS), but never measures ICS. Santurkar et al. (2018)
 did, and found BN networks show similar or higher gradient-based ICS; they argue
-BN makes the loss landscape smoother instead (PAPER.md Section 10). This
+BN makes the loss landscape smoother instead (Santurkar et al. 2018, "How Does
+Batch Normalization Help Optimization?"). This
 experiment trains the Section 4.1 network three ways and probes it at every
 evaluation with :mod:`bnlab.probes`:
 
@@ -125,7 +126,7 @@ PRESETS = {
 
 
 class NoisyShift(nn.Module):
-    """Santurkar et al.'s "noisy BN" noise, put after a BN layer (PAPER.md Section 10).
+    """Santurkar et al.'s "noisy BN" noise, put after a BN layer (Santurkar et al. 2018, Section 2).
 
     In training, at every call (step) and for each copy: mu ~ U(-0.5, 0.5) and
     sigma ~ U(1, 1.25); then per element shift ~ U(mu - 0.1, mu + 0.1) and scale ~

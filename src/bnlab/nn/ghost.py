@@ -1,4 +1,4 @@
-"""Ghost batch normalization modules (Hoffer et al. 2017; PAPER.md Section 10).
+"""Ghost batch normalization modules (Hoffer et al. 2017, "Train longer, generalize better").
 
 In training, the mini-batch is split along dim 0 into ghost ("virtual")
 batches of ``virtual_batch_size`` consecutive samples, each normalized with

@@ -1,4 +1,4 @@
-"""Batch Renormalization modules (Ioffe 2017; PAPER.md Section 10).
+"""Batch Renormalization modules (Ioffe 2017, "Batch Renormalization").
 
 Batch Renorm corrects the batch-normalized value with the moving statistics,
 
