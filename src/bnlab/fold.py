@@ -31,7 +31,7 @@ import bnlab.functional as BF
 import bnlab.nn.batchnorm as bnlab_bn
 from bnlab.graph import LINEAR_LAYERS, calls_per_module, is_batchnorm, is_sequential_tree, trace
 from bnlab.nn.batchnorm_act import _BatchNormAct
-from bnlab.nn.convert import _refuse_fused_subclasses, _split, unfuse_batchnorm_act
+from bnlab.nn.convert import refuse_fused_subclasses, split_fused_layer, unfuse_batchnorm_act
 
 __all__ = [
     "BatchNormNotFoldedWarning",
@@ -210,7 +210,7 @@ def _parts(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
     name), then its drop layer and activation, which stay after the folded BN."""
     if not isinstance(module, _BatchNormAct):
         return [(name, module)]
-    bn, *rest = _split(module)
+    bn, *rest = split_fused_layer(module)
     return [(name, bn), *((f"{name}.{i}", m) for i, m in enumerate(rest, 1))]
 
 
@@ -218,7 +218,7 @@ def _fold_sequential(
     module: nn.Module, report: list[UnfoldedBatchNorm], prefix: str = ""
 ) -> nn.Module:
     if isinstance(module, _BatchNormAct):  # a lone fused layer: BN, then its activation
-        bn, *rest = _split(module)
+        bn, *rest = split_fused_layer(module)
         return nn.Sequential(_fold_sequential(bn, report, prefix or type(module).__name__), *rest)
     if is_batchnorm(module):
         name = prefix or type(module).__name__
@@ -814,7 +814,7 @@ def _fold_module(model: nn.Module) -> tuple[nn.Module, list[UnfoldedBatchNorm]]:
     for m in model.modules():
         if is_batchnorm(m):
             _check_running_stats(m)
-    _refuse_fused_subclasses(model, "fold_batchnorm")
+    refuse_fused_subclasses(model, "fold_batchnorm")
     model = copy.deepcopy(model)
     report: list[UnfoldedBatchNorm] = []
     with torch.no_grad():
@@ -904,7 +904,7 @@ def fold_batchnorm(
             report = _fold_graph(gm, consts)
         new = consts.program()
     elif isinstance(model, fx.GraphModule):
-        _refuse_fused_subclasses(model, "fold_batchnorm")
+        refuse_fused_subclasses(model, "fold_batchnorm")
         new = _deepcopy(model)
         with torch.no_grad():
             report = _fold_graph(new, _ModuleConsts(new))

@@ -564,7 +564,9 @@ def fuse_batchnorm_act(
     return (model, report) if return_report else model
 
 
-def _split(m: nn.Module) -> nn.Sequential:
+# split_fused_layer and refuse_fused_subclasses are shared with bnlab.fold (which
+# folds a fused layer's BN part and keeps its activation); not in __all__.
+def split_fused_layer(m: nn.Module) -> nn.Sequential:
     """``nn.Sequential(bn, [drop,] act)`` computing what the fused layer ``m`` computes."""
     parts = [_swap(m, _TO_UNFUSED[type(m)])]
     if type(m.drop) is not nn.Identity:
@@ -575,7 +577,7 @@ def _split(m: nn.Module) -> nn.Sequential:
     return seq
 
 
-def _refuse_fused_subclasses(model: nn.Module, tool: str) -> None:
+def refuse_fused_subclasses(model: nn.Module, tool: str) -> None:
     """Refuse a subclass of a fused layer (before changing anything): its forward may
     compute something other than BN followed by its activation."""
     for name, m in model.named_modules():
@@ -589,15 +591,16 @@ def _refuse_fused_subclasses(model: nn.Module, tool: str) -> None:
 
 
 def _unfuse_modules(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Sequential]]:
-    """Every fused layer of ``model`` replaced (in place) by its :func:`_split`; the
-    root, and the new Sequentials by the id of the fused layer they replace."""
+    """Every fused layer of ``model`` replaced (in place) by its
+    :func:`split_fused_layer`; the root, and the new Sequentials by the id of the fused
+    layer they replace."""
     made: dict[int, nn.Sequential] = {}
 
     def split(m: nn.Module) -> nn.Module | None:
         if not isinstance(m, _BatchNormAct):
             return None
         if id(m) not in made:  # a layer used in two places: one Sequential for both
-            made[id(m)] = _split(m)
+            made[id(m)] = split_fused_layer(m)
         return made[id(m)]
 
     return map_modules(model, split), made
@@ -643,7 +646,7 @@ def unfuse_batchnorm_act(model: nn.Module) -> nn.Module:
             (whose forward may compute something else).
     """
     _check_module(model, "unfuse_batchnorm_act")
-    _refuse_fused_subclasses(model, "unfuse_batchnorm_act")
+    refuse_fused_subclasses(model, "unfuse_batchnorm_act")
     model, made = _unfuse_modules(model)
     if isinstance(model, fx.GraphModule) and made:
         _split_graph_calls(model, made)
