@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnlab.graph import is_batchnorm
-from bnlab.nn.convert import _SWAP_HOOKS
+from bnlab.nn.convert import SWAP_HOOKS, check_module
 
 __all__ = ["freeze_batchnorm", "is_frozen", "unfreeze_batchnorm"]
 
@@ -72,7 +72,7 @@ def _carry_freeze(old: nn.Module, new: nn.Module) -> None:
         _freeze_layer(new, getattr(old, _FLAG))
 
 
-_SWAP_HOOKS.append(_carry_freeze)
+SWAP_HOOKS.append(_carry_freeze)
 
 
 def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
@@ -102,8 +102,7 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
         >>> freeze_batchnorm(bn_net, train_affine=True)
         >>> bn_net.train()            # Linear/Dropout train; BN stays in eval mode
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"freeze_batchnorm expects an nn.Module, got {type(model).__name__}")
+    check_module(model, "freeze_batchnorm")
     bns = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
     if not bns:
         raise ValueError(
@@ -130,8 +129,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"unfreeze_batchnorm expects an nn.Module, got {type(model).__name__}")
+    check_module(model, "unfreeze_batchnorm")
     for m in model.modules():
         if not is_frozen(m):
             continue

@@ -25,6 +25,7 @@ from bnlab.graph import (
     out_features_of,
     trace,
 )
+from bnlab.nn.convert import check_module
 
 __all__ = [
     "Insertion",
@@ -244,8 +245,7 @@ def insert_batchnorm(
         >>> [i.batchnorm for i in insertion_summary(bn_net)]
         ['2']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"insert_batchnorm expects an nn.Module, got {type(model).__name__}")
+    check_module(model, "insert_batchnorm")
     nonlinearities = _check_nonlinearities(nonlinearities)
     if is_sequential_tree(model):
         new = copy.deepcopy(model)

@@ -61,7 +61,7 @@ _SYNC_CLASSES: list[type] = [nn.SyncBatchNorm]
 # settings that live outside the constructor survive a conversion. bnlab.freeze adds
 # the one that keeps a frozen layer frozen (registered there, as that module imports
 # this one).
-_SWAP_HOOKS: list[Callable[[nn.Module, nn.Module], None]] = []
+SWAP_HOOKS: list[Callable[[nn.Module, nn.Module], None]] = []
 
 
 def swap_module_class(module: nn.Module, cls: type, **extra_kwargs) -> nn.Module:
@@ -122,7 +122,7 @@ def _finish_swap(module: nn.Module, new: nn.Module) -> None:
     """What every swap carries over besides the state: ``qconfig``, the swap hooks."""
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
-    for hook in _SWAP_HOOKS:
+    for hook in SWAP_HOOKS:
         hook(module, new)
 
 
@@ -142,7 +142,9 @@ def map_modules(module: nn.Module, fn) -> nn.Module:
     return module
 
 
-def _check_module(module: object, tool: str) -> None:
+def check_module(module: object, tool: str) -> None:
+    """Raise TypeError naming ``tool`` unless ``module`` is an nn.Module (shared with
+    bnlab.insert and bnlab.freeze; not in __all__)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{tool} expects an nn.Module, got {type(module).__name__}")
 
@@ -183,7 +185,7 @@ def replace_batchnorm(module: nn.Module) -> nn.Module:
     Example:
         >>> model = replace_batchnorm(torchvision_model)
     """
-    _check_module(module, "replace_batchnorm")
+    check_module(module, "replace_batchnorm")
     return _convert(module, _TO_BNLAB)
 
 
@@ -196,7 +198,7 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
             ``revert_batchnorm(unfuse_batchnorm_act(model))`` reverts its BN part and keeps
             its activation (see :func:`unfuse_batchnorm_act` for the new names).
     """
-    _check_module(module, "revert_batchnorm")
+    check_module(module, "revert_batchnorm")
     _refuse_fused(module, "revert_batchnorm")
     return _convert(module, _TO_TORCH)
 
@@ -257,7 +259,7 @@ def convert_to_batch_renorm(module: nn.Module, **schedule) -> nn.Module:
         >>> model = convert_to_batch_renorm(model, warmup_steps=1000, rmax_steps=8000)
     """
 
-    _check_module(module, "convert_to_batch_renorm")
+    check_module(module, "convert_to_batch_renorm")
     _refuse_fused(module, "convert_to_batch_renorm")
     for m in module.modules():  # refuse before changing anything: no half-converted model
         _refuse_sync(m, "Batch Renorm")
@@ -294,7 +296,7 @@ def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn
             BN part and keeps its activation).
     """
 
-    _check_module(module, "convert_to_ghost_batchnorm")
+    check_module(module, "convert_to_ghost_batchnorm")
     _refuse_fused(
         module, "convert_to_ghost_batchnorm", "bnlab.nn.convert_to_ghost_batchnorm(model, ...)"
     )
@@ -545,7 +547,7 @@ def fuse_batchnorm_act(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         >>> net = fuse_batchnorm_act(net)   # Conv2d, BatchNormAct2d(act=ReLU), Identity
     """
-    _check_module(model, "fuse_batchnorm_act")
+    check_module(model, "fuse_batchnorm_act")
     if memory not in MEMORY_MODES:
         raise ValueError(
             f"memory={memory!r}: use 'standard' (keep the input for the backward) or 'save' "
@@ -645,7 +647,7 @@ def unfuse_batchnorm_act(model: nn.Module) -> nn.Module:
         TypeError: ``model`` is not an nn.Module, or holds a subclass of a fused layer
             (whose forward may compute something else).
     """
-    _check_module(model, "unfuse_batchnorm_act")
+    check_module(model, "unfuse_batchnorm_act")
     refuse_fused_subclasses(model, "unfuse_batchnorm_act")
     model, made = _unfuse_modules(model)
     if isinstance(model, fx.GraphModule) and made:
