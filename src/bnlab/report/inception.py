@@ -211,7 +211,12 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
                 f"Inception had not plateaued: its best accuracy still rose in the last "
                 f"quarter of the run ({rise} per seed, after step "
                 f"{plateau_info['after_step']:,}), so its best is not its maximum and the "
-                "speed-up measures the step budget as much as BN; run --preset long"
+                "speed-up measures the step budget as much as BN; "
+                + (
+                    "train Inception longer (--steps)"
+                    if config.get("preset") == "long"
+                    else "run --preset long"
+                )
             )
         estimate = speedup_estimate(
             ref["steps_to_target"], s.get("steps_to_target") or [], ref["steps_completed"]
