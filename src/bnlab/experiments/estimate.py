@@ -23,7 +23,7 @@ With one worker (``--workers 1``) the arms train in the calling process, one aft
 the other, and an arm takes build + steps * step + (steps / eval_every + 1) *
 evaluation + final.
 
-and the arms are scheduled on the workers as the runner does: each free worker takes
+The arms are scheduled on the workers as the runner does: each free worker takes
 the next arm. What the calibration does not see (figures and report, an ensemble
 evaluated after training, other load on the machine) is not in the estimate; it is
 a forecast, and `bnlab reproduce paper` records it beside the measured time.
@@ -55,7 +55,6 @@ class ArmEstimate:
 
     arm: str
     steps: int
-    cold_start_seconds: float  # a fresh worker: start, imports, build, first step and eval
     build_seconds: float  # the job's build in a warm process (data already loaded)
     step_seconds: float
     eval_seconds: float
@@ -75,7 +74,8 @@ class Estimate:
     arms: list[ArmEstimate] = field(default_factory=list)
     seconds: float = 0.0  # the whole run's wall time: the busiest worker's
     calibration_seconds: float = 0.0
-    cold_start_seconds: float = 0.0
+    cold_start_seconds: float = 0.0  # a fresh worker: start, imports, data, build, first
+    # step and evaluation (0 with one worker: the arms train in the calling process)
 
 
 def fmt_duration(seconds: float) -> str:
@@ -87,17 +87,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _first_step(exp, cfg, arm: str, threads: int) -> None:
-    """What a fresh worker does before its steady state: build the job, one step, one
-    evaluation (run in a fresh process by :func:`cold_start_seconds`)."""
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        job = exp.run.build_job(arm, cfg, DistInfo(), Path(tmp))
-        job.model.train()
-        sgd_step(job, job.model, 0)
-        evaluate_job(job, 0)
-
-
 def cold_start_seconds(exp, cfg, arms: list[str], threads: int = 1) -> float:
     """Seconds from spawning fresh worker processes, one per arm of ``arms`` at once (as
     the runner starts its workers side by side), to the end of the last one's first
@@ -105,9 +94,10 @@ def cold_start_seconds(exp, cfg, arms: list[str], threads: int = 1) -> float:
     ctx = mp.get_context("spawn")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=len(arms), mp_context=ctx) as pool:
-        for f in [pool.submit(_first_step, exp, cfg, arm, threads) for arm in arms]:
-            f.result()
-    return time.perf_counter() - t0
+        calls = [pool.submit(_calibrate_arm, exp, cfg, a, threads, 1, False) for a in arms]
+        timed = [f.result() for f in calls]
+    # the calibration also timed one steady step after the first: not part of the start
+    return time.perf_counter() - t0 - max(a.step_seconds for a in timed)
 
 
 def _makespan(seconds: list[float], workers: int) -> float:
@@ -149,7 +139,7 @@ def _calibrate_arm(
     evals = job.steps // job.eval_every + 1
     # the steady state after the cold start's first step and evaluation (added later)
     total = (job.steps - 1) * step + (evals - 1) * evaluation + final
-    return ArmEstimate(arm, job.steps, 0.0, build, step, evaluation, evals, final, total)
+    return ArmEstimate(arm, job.steps, build, step, evaluation, evals, final, total)
 
 
 def estimate(exp, cfg, workers: int = 2, steps: int = 3) -> Estimate:
@@ -193,7 +183,6 @@ def estimate(exp, cfg, workers: int = 2, steps: int = 3) -> Estimate:
         if a is not first and first.eval_seconds > 0:
             a.final_seconds = first.final_seconds * a.eval_seconds / first.eval_seconds
             a.seconds += a.final_seconds
-        a.cold_start_seconds = cold
         # the first step and evaluation: in the cold start, or timed like the others
         a.seconds += cold if workers > 1 else a.build_seconds + a.step_seconds + a.eval_seconds
     result.cold_start_seconds = cold
