@@ -383,6 +383,9 @@ def train(
         position=position,
         unit="step",
         mininterval=1.0,
+        # The rate over the whole run, evaluations included: tqdm's default moving
+        # average jumps after each evaluation pause (an ETA of 1:53:02 for 30 min left).
+        smoothing=0,
         leave=True,
         disable=not (progress and main and sys.stderr.isatty()),
         **_bar_size(),
