@@ -30,7 +30,7 @@ baseline by the changes of Section 4.2.1 (see :data:`NETWORKS`):
 
 Presets: ``quick`` (offline digits, minutes, a smoke test), ``cpu`` (CIFAR-10 on 2
 CPU cores, 3 seeds of each main network), ``gpu`` (one CUDA device), and ``long``
-(Section 4.2's speed-up against a converged baseline: inception for 3.2x the cpu
+(Section 4.2's speed-up against a baseline nearer its maximum: inception for 3.2x the cpu
 preset's steps, and bn-baseline, bn-x5 and bn-x30 for the first 5,000 of them, the
 start of the same run, which is all the speed-up needs if they reach Inception's
 best by then; the report states whether Inception's accuracy plateaued: its best
@@ -199,7 +199,8 @@ PRESETS: dict[str, dict] = {
         device="cuda",
     ),
     # Section 4.2's speed-up is measured against Inception's *maximum* accuracy: train
-    # the four networks of Figure 2 long enough for Inception to plateau (see above).
+    # the four networks of Figure 2 longer (the report says whether Inception plateaued;
+    # on 2 CPU cores at 8,000 steps it had not: docs/readme/inception.md).
     "long": dict(
         networks=["inception", "bn-baseline", "bn-x5", "bn-x30"], steps=8_000,
         bn_steps=5_000, eval_every=500, checkpoint_every=2_000,

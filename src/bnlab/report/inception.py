@@ -215,7 +215,7 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
                 + (
                     "train Inception longer (--steps)"
                     if config.get("preset") == "long"
-                    else "run --preset long"
+                    else "run --preset long (3.2x the cpu preset's steps) or more --steps"
                 )
             )
         estimate = speedup_estimate(
