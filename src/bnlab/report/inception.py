@@ -188,6 +188,15 @@ def _best_values(s: dict) -> list[float]:
     return s["best_test_acc"]["values"] if s["best_test_acc"] else []
 
 
+def _train_longer(config: dict) -> str:
+    """What to run when Inception had not plateaued (said by a verdict and the report)."""
+    if config.get("preset") == "long":
+        return "train Inception longer (more --steps)"
+    return (
+        "run --preset long (3.2x the cpu preset's steps) or train Inception longer (more --steps)"
+    )
+
+
 def _verdicts(summary: dict, config: dict) -> list[Verdict]:
     """The report's verdicts, decided by ``stats.judge`` from the summary's numbers."""
     nets = summary["networks"]
@@ -211,12 +220,7 @@ def _verdicts(summary: dict, config: dict) -> list[Verdict]:
                 f"Inception had not plateaued: its best accuracy still rose in the last "
                 f"quarter of the run ({rise} per seed, after step "
                 f"{plateau_info['after_step']:,}), so its best is not its maximum and the "
-                "speed-up measures the step budget as much as BN; "
-                + (
-                    "train Inception longer (--steps)"
-                    if config.get("preset") == "long"
-                    else "run --preset long (3.2x the cpu preset's steps) or more --steps"
-                )
+                f"speed-up measures the step budget as much as BN; {_train_longer(config)}"
             )
         estimate = speedup_estimate(
             ref["steps_to_target"], s.get("steps_to_target") or [], ref["steps_completed"]
@@ -454,6 +458,7 @@ def _markdown(summary: dict, config: dict, env: dict, data: str) -> str:
         target=_target_text(summary),
         paper=PAPER_FIGURE3,
         speedup=_speedup_text,
+        train_longer=_train_longer(config["config"]),
         still_improving=bool(reached) and all(x == ref["steps_completed"] for x in reached),
     )
 
