@@ -59,6 +59,10 @@ def test_fmt_pct_and_fmt_steps():
     assert fmt_pct(None) == "n/a"
     assert fmt_pp(mean_std_ci([0.01, -0.02])) == "+1.00 pp, -2.00 pp (n=2)"
     assert fmt_steps([1500, None, 20]) == "1,500, never, 20"
+    # a bound that rounds to zero has no sign to lose: "+0.00", never "-0.00"
+    near_zero = {"mean": 0.0057, "std": 0.0023, "n": 3, "ci95": [-0.00001, 0.0114]}
+    assert fmt_pp(near_zero) == "+0.57 pp ± 0.23 (95% CI +0.00 to +1.14 pp, n=3)"
+    assert fmt_pct({"mean": -1e-9, "n": 1}) == "0.00% (n=1)"
 
 
 def test_accuracy_intervals_stay_in_their_range():

@@ -289,7 +289,10 @@ def fmt_estimate(d: dict | None, unit: str = "") -> str:
     def num(x: float | None, sign: bool = signed) -> str:
         if x is None or not math.isfinite(x):
             return "n/a"
-        return f"{scale * x:{'+' if sign else ''}{spec}}"
+        fmt = f"{'+' if sign else ''}{spec}"
+        text = f"{scale * x:{fmt}}"
+        # a negative value that rounds to zero prints as zero ("+0.00", not "-0.00")
+        return f"{0.0:{fmt}}" if text[0] == "-" and float(text.replace(",", "")) == 0 else text
 
     n = d.get("n", 1)
     head = f"{num(d['mean'])}{suffix}"
