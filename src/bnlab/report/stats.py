@@ -98,6 +98,15 @@ _UNITS = {
 }
 
 
+def _number(x: float, unit: str, sign: bool | None = None) -> str:
+    """``x`` in ``unit``'s scale and format, without the suffix; ``sign``: a leading +
+    (default: the unit's). A negative value that rounds to zero prints as zero."""
+    scale, _, spec, signed, _ = _UNITS[unit]
+    fmt = f"{'+' if (signed if sign is None else sign) else ''}{spec}"
+    text = f"{scale * x:{fmt}}"
+    return f"{0.0:{fmt}}" if text[0] == "-" and float(text.replace(",", "")) == 0 else text
+
+
 def _t95(n: int) -> float:
     """t(0.975, n - 1); beyond 30 degrees of freedom the normal 1.96."""
     return _T95[n - 2] if 2 <= n <= 31 else _Z95
@@ -284,15 +293,12 @@ def fmt_estimate(d: dict | None, unit: str = "") -> str:
     """
     if not d or d.get("mean") is None:
         return "n/a"
-    scale, suffix, spec, signed, (rlo, rhi) = _UNITS[unit]
+    _, suffix, _, signed, (rlo, rhi) = _UNITS[unit]
 
     def num(x: float | None, sign: bool = signed) -> str:
         if x is None or not math.isfinite(x):
             return "n/a"
-        fmt = f"{'+' if sign else ''}{spec}"
-        text = f"{scale * x:{fmt}}"
-        # a negative value that rounds to zero prints as zero ("+0.00", not "-0.00")
-        return f"{0.0:{fmt}}" if text[0] == "-" and float(text.replace(",", "")) == 0 else text
+        return _number(x, unit, sign)
 
     n = d.get("n", 1)
     head = f"{num(d['mean'])}{suffix}"
@@ -588,8 +594,7 @@ def run_context(config: dict, steps: int | None = None, seeds: int | None = None
 
 
 def _fmt_value(x: float, unit: str) -> str:
-    scale, suffix, spec, signed, _ = _UNITS[unit]
-    return f"{scale * x:{'+' if signed else ''}{spec}}{suffix}"
+    return _number(x, unit) + _UNITS[unit][1]
 
 
 def judge(
