@@ -246,3 +246,56 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
         return [r for r in map(json.loads, lines) if r["kind"] in ("eval", "final")]
 
     assert records(run) == records(ref)
+
+
+def _evals(arm: str, steps: list[int], acc: list[list[float]]) -> list[dict]:
+    """Evaluation records of ``arm``: ``acc[s][t]`` is seed s's accuracy at steps[t]."""
+    return [
+        {
+            "kind": "eval",
+            "arm": arm,
+            "step": step,
+            "train_loss": [1.0] * len(acc),
+            "test_acc": [seed[t] for seed in acc],
+        }  # fmt: skip
+        for t, step in enumerate(steps)
+    ]
+
+
+def test_plateau_rule_and_what_the_verdicts_say_when_inception_still_rises():
+    from bnlab.report.inception import plateau, summarize
+
+    steps = list(range(0, 8001, 1000))  # the last quarter: after step 6,000
+    flat = [0.1, 0.3, 0.5, 0.6, 0.62, 0.63, 0.64, 0.644, 0.643]  # +0.4 pp: plateaued
+    rising = [0.1, 0.3, 0.5, 0.6, 0.62, 0.63, 0.64, 0.645, 0.646]  # +0.6 pp: not
+    p = plateau(steps, [[a, b] for a, b in zip(flat, flat)])
+    assert p["plateaued"] and p["after_step"] == 6000
+    assert p["rise"] == pytest.approx([0.004, 0.004])
+    # every seed must have plateaued: one still rising is enough to say it has not
+    p = plateau(steps, [[a, b] for a, b in zip(flat, rising)])
+    assert not p["plateaued"] and p["rise"] == pytest.approx([0.004, 0.006])
+    assert not plateau([0, 100], [[0.1], [0.2]])["plateaued"]  # nothing before the cut
+
+    bn = [0.1, 0.6, 0.7, 0.72, 0.73, 0.73, 0.74, 0.74, 0.74]
+    for preset, advice in (
+        ("cpu", "run --preset long (3.2x the cpu preset's steps) or train Inception longer"),
+        ("long", "train Inception longer (more --steps)"),
+    ):
+        config = {"networks": ["inception", "bn-x5"], "preset": preset, "seeds": 3,
+                  "steps": 8000}  # fmt: skip
+        records = _evals("inception", steps, [flat, rising, flat]) + _evals(
+            "bn-x5", steps, [bn, bn, bn]
+        )
+        s = summarize(records, config)
+        assert not s["plateau"]["plateaued"]
+        (v,) = [v for v in s["verdicts"] if v["title"].startswith("bn-x5 reaches")]
+        assert v["status"] == "inconclusive"
+        assert "Inception had not plateaued" in v["why"] and "+0.6 pp" in v["why"]
+        assert advice in v["why"]
+        # the same Inception plateaued: the speed-up is judged on its numbers alone
+        s = summarize(
+            _evals("inception", steps, [flat] * 3) + _evals("bn-x5", steps, [bn] * 3), config
+        )
+        assert s["plateau"]["plateaued"]
+        (v,) = [v for v in s["verdicts"] if v["title"].startswith("bn-x5 reaches")]
+        assert "plateau" not in v["why"]
