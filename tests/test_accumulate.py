@@ -1,21 +1,18 @@
 """bnlab.accumulate: one running-statistics update per optimizer step, equal to one big batch."""
 
 import contextlib
-import os
-import tempfile
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bnlab
 import bnlab.nn as bnn
 from bnlab.accumulation import BatchNormAccumulation
+from gloo import run_on_gloo
 
 # (bnlab class, torch class, shape of one example)
 SHAPES = [
@@ -247,33 +244,6 @@ def _dist_checks(rank):
     _assert_same_stats(ddp.module[1], ref[1])
 
 
-def _worker(rank, path, results):
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{path}", rank=rank, world_size=2,
-            timeout=timedelta(seconds=60),
-        )  # fmt: skip
-        _dist_checks(rank)
-        results.put((rank, "ok"))
-    except BaseException as e:  # report to the parent instead of hanging the other rank
-        import traceback
-
-        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_sync_batchnorm_accumulates_across_two_gloo_processes():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, path, results)) for r in range(2)]
-        for p in procs:
-            p.start()
-        out = dict(results.get(timeout=240) for _ in procs)
-        for p in procs:
-            p.join(timeout=60)
-    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+    run_on_gloo(_dist_checks)

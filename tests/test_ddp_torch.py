@@ -15,7 +15,7 @@ Run with ``-s`` to see the measured maximum errors.
 import copy
 import gc
 import os
-import traceback
+import tempfile
 from datetime import timedelta
 
 import pytest
@@ -32,34 +32,19 @@ import bnlab.nn as bnn
 import bnlab.nn.sync as sync_module
 from bnlab.distributed import DistInfo, prepare_model
 from bnlab.graph import is_batchnorm
-from test_sync_batchnorm import _init, _spawn
+from gloo import run_on_gloo
 
 F64 = torch.float64
 WORLD = 2
 TOL = 1e-10
 
 
-def _worker(rank, path, results, checks, args):
-    """Join a 2-process gloo group, run ``checks(rank, workdir, *args)`` and report
-    ("ok", its measurements) or the error (instead of hanging the other rank)."""
-    try:
-        _init(rank, WORLD, path, timeout=60)
-        results.put((rank, ("ok", checks(rank, os.path.dirname(path), *args))))
-    except BaseException as e:
-        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-            gc.collect()  # free what holds the group now, not at interpreter shutdown
-
-
 def _run(checks, *args):
-    """Run ``checks`` on 2 gloo processes; return the measurements {name: max error}
-    (the larger of the two ranks')."""
-    out = _spawn(_worker, checks, args)
-    failed = [v for v in out.values() if not (isinstance(v, tuple) and v[0] == "ok")]
-    assert not failed, "\n".join(str(v) for v in failed)
-    errors = {k: max(out[r][1][k] for r in out) for k in out[0][1]}
+    """Run ``checks(rank, workdir, *args)`` on 2 gloo processes (``workdir``: a folder
+    both share); return the measurements {name: max error} (the larger of the ranks')."""
+    with tempfile.TemporaryDirectory() as workdir:
+        out = run_on_gloo(checks, workdir, *args, world=WORLD)
+    errors = {k: max(out[r][k] for r in out) for k in out[0]}
     print(f"\n{checks.__name__}{args}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return errors
 

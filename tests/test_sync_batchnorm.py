@@ -1,16 +1,11 @@
 """SyncBatchNorm and DDP training on 2 gloo processes, against single-process BN."""
 
 import copy
-import gc
-import os
-import tempfile
 import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import bnlab.nn as bnn
@@ -19,16 +14,7 @@ from bnlab import recompute_population_stats
 from bnlab.distributed import DistInfo, decided_on_main, shard, sync_running_stats
 from bnlab.nn.sync import CollectiveError, CollectiveUsageError
 from bnlab.train.loop import train_distributed
-
-
-def _init(rank, world, path, timeout=60):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{path}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout),
-    )
+from gloo import init_gloo, run_on_gloo, spawn
 
 
 def _check_sync_vs_single(rank, shape_per_rank, gen_seed, group=None):
@@ -82,22 +68,6 @@ def _mlp():
     ).double()
 
 
-def _checked_worker(rank, path, results, checks, world, timeout):
-    """Join a gloo group of ``world`` processes, run ``checks(rank)``, report "ok" or the error."""
-    try:
-        _init(rank, world, path, timeout=timeout)
-        checks(rank)
-        results.put((rank, "ok"))
-    except BaseException as e:  # report to the parent instead of hanging the other ranks
-        import traceback
-
-        results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-            gc.collect()  # free what holds the group now, not at interpreter shutdown
-
-
 def _sync_checks(rank):
     _check_sync_vs_single(rank, ((3, 5), (4, 3, 2)), 0)  # 3-D, unequal 3 + 5
     _check_sync_vs_single(rank, ((3, 5), (4, 2, 3, 2)), 1)  # 4-D
@@ -139,24 +109,9 @@ def _sync_checks(rank):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def _spawn(fn, *args, world=2):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=fn, args=(r, path, results, *args)) for r in range(world)]
-        for p in procs:
-            p.start()
-        out = dict(results.get(timeout=240) for _ in procs)
-        for p in procs:
-            p.join(timeout=60)
-    return out
-
-
 @pytest.mark.slow
 def test_sync_batchnorm_and_ddp_on_two_gloo_processes():
-    out = _spawn(_checked_worker, _sync_checks, 2, 60)
-    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+    run_on_gloo(_sync_checks)
 
 
 def _subgroup_checks(rank):
@@ -173,13 +128,12 @@ def _subgroup_checks(rank):
 
 @pytest.mark.slow
 def test_process_group_subgroups_are_respected():
-    out = _spawn(_checked_worker, _subgroup_checks, 3, 30, world=3)
-    assert out == {0: "ok", 1: "ok", 2: "ok"}, "\n".join(str(v) for v in out.values())
+    run_on_gloo(_subgroup_checks, world=3, timeout=30)
 
 
 def _stall_worker(rank, path, results):
     try:
-        _init(rank, 2, path, timeout=3)
+        init_gloo(rank, 2, path, timeout=3)
         bn = bnn.SyncBatchNorm(3)
         ones = torch.ones(3)
         if rank == 1:
@@ -201,7 +155,7 @@ def _stall_worker(rank, path, results):
 
 @pytest.mark.slow
 def test_a_stalled_peer_gives_a_clear_timeout_error():
-    out = _spawn(_stall_worker)
+    out = spawn(_stall_worker)
     assert out == {0: "timeout error", 1: "slept"}, out
 
 
@@ -305,8 +259,7 @@ def _edge_checks(rank):
 
 @pytest.mark.slow
 def test_sync_edges_on_two_gloo_processes():
-    out = _spawn(_checked_worker, _edge_checks, 2, 60)
-    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+    run_on_gloo(_edge_checks)
 
 
 def _one_look_checks(rank):
@@ -333,8 +286,7 @@ def _one_look_checks(rank):
 
 @pytest.mark.slow
 def test_run_folder_is_judged_once_by_rank_0_for_every_rank():
-    out = _spawn(_checked_worker, _one_look_checks, 2, 60)
-    assert out == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in out.values())
+    run_on_gloo(_one_look_checks)
 
 
 @pytest.mark.parametrize(
