@@ -19,7 +19,7 @@ import torch
 
 from bnlab.cli import main
 from bnlab.experiments import batch_noise, dropout, figure1
-from bnlab.experiments.estimate import MIN_TIMED_SECONDS, estimate
+from bnlab.experiments.estimate import estimate
 from bnlab.experiments.protocol import DEFAULT_PRESET, PRESET_NAMES, config_from
 from bnlab.lab import EXPERIMENTS, Experiment, build_report
 from bnlab.report.claims import CLAIMS
@@ -75,9 +75,6 @@ def test_estimate_times_every_arm_and_restores_threads():
             assert est.cold_start_seconds == 0
         for a in est.arms:
             assert a.steps == 200 and a.evals == 3 and a.step_seconds > 0 and a.eval_seconds > 0
-            # at least the steps asked for; fast steps for MIN_TIMED_SECONDS (or to the end)
-            assert 2 <= a.timed_steps <= 199
-            assert a.timed_steps == 199 or a.timed_steps * a.step_seconds >= MIN_TIMED_SECONDS
             assert a.final_seconds > 0  # figure1's final population statistics and test
             # (timed on the first arm, scaled by evaluation time for the others)
             start = est.cold_start_seconds or a.build_seconds + a.step_seconds + a.eval_seconds

@@ -2,8 +2,7 @@
 
 For every arm of an experiment the calibration builds the arm's job as a worker
 would (data, model, optimizer), times a few training steps of the shared loop
-(:func:`bnlab.train.loop.sgd_step`, after one warm-up step; fast ones for at least
-``MIN_TIMED_SECONDS``), one evaluation with its
+(:func:`bnlab.train.loop.sgd_step`, after one warm-up step), one evaluation with its
 probes (:func:`bnlab.train.loop.evaluate_job`), one precise-BN evaluation where the
 job has one, and the final measurement (``job.finalize``: timed on the first arm,
 scaled for the others by their evaluation time). It runs in as many
@@ -47,14 +46,7 @@ from bnlab.experiments.runner import worker_layout
 from bnlab.train.loop import evaluate_job, precise_bn_fields, sgd_step
 from bnlab.train.loop import evaluation as evaluation_mode
 
-__all__ = [
-    "MIN_TIMED_SECONDS",
-    "ArmEstimate",
-    "Estimate",
-    "cold_start_seconds",
-    "estimate",
-    "fmt_duration",
-]
+__all__ = ["ArmEstimate", "Estimate", "cold_start_seconds", "estimate", "fmt_duration"]
 
 
 @dataclass
@@ -65,7 +57,6 @@ class ArmEstimate:
     steps: int
     build_seconds: float  # the job's build in a warm process (data already loaded)
     step_seconds: float
-    timed_steps: int  # steps the step time is the mean of
     eval_seconds: float
     evals: int
     final_seconds: float
@@ -85,12 +76,6 @@ class Estimate:
     calibration_seconds: float = 0.0
     cold_start_seconds: float = 0.0  # a fresh worker: start, imports, data, build, first
     # step and evaluation (0 with one worker: the arms train in the calling process)
-
-
-# Fast steps are timed for at least this long. Measured on 2 cores: ema-vs-precise's
-# batch-32 arm (MNIST) takes 5.5 ms a step over the 3 steps after the warm-up and 2.7 ms
-# from step 30 on; timing 3 steps forecast that experiment 46% over its measured time.
-MIN_TIMED_SECONDS = 0.5
 
 
 def fmt_duration(seconds: float) -> str:
@@ -135,14 +120,11 @@ def _calibrate_arm(
         job = exp.run.build_job(arm, cfg, DistInfo(), Path(tmp))
         job.model.train()
         build = time.perf_counter() - t0
-        limit = max(1, job.steps - 1)
+        timed = max(1, min(steps, job.steps - 1))
         sgd_step(job, job.model, 0)  # warm-up: first-call allocations
-        timed, t0 = 0, time.perf_counter()
-        # at least ``steps`` steps, and fast ones for MIN_TIMED_SECONDS: the first few
-        # steps after the warm-up run slower than the steady state
-        while timed < limit and (timed < steps or time.perf_counter() - t0 < MIN_TIMED_SECONDS):
-            timed += 1
-            sgd_step(job, job.model, timed)
+        t0 = time.perf_counter()
+        for k in range(1, timed + 1):
+            sgd_step(job, job.model, k)
         step = (time.perf_counter() - t0) / timed
         t0 = time.perf_counter()
         evaluate_job(job, 0)
@@ -157,7 +139,7 @@ def _calibrate_arm(
     evals = job.steps // job.eval_every + 1
     # the steady state after the cold start's first step and evaluation (added later)
     total = (job.steps - 1) * step + (evals - 1) * evaluation + final
-    return ArmEstimate(arm, job.steps, build, step, timed, evaluation, evals, final, total)
+    return ArmEstimate(arm, job.steps, build, step, evaluation, evals, final, total)
 
 
 def estimate(exp, cfg, workers: int = 2, steps: int = 3) -> Estimate:
