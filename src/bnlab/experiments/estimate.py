@@ -27,6 +27,11 @@ The arms are scheduled on the workers as the runner does: each free worker takes
 the next arm. What the calibration does not see (figures and report, an ensemble
 evaluated after training, other load on the machine) is not in the estimate; it is
 a forecast, and `bnlab reproduce paper` records it beside the measured time.
+Its known bias: for steps of a few milliseconds (the MNIST experiments) the 3 steps
+after the warm-up run up to 2x slower than the steady state, so those arms' step
+time is high, while some other cost of a real run is not seen (measured on 2 cores,
+the cpu preset: figure1 and lr-init took 8-12% longer than forecast, ema-vs-precise
+46% less).
 """
 
 from __future__ import annotations
