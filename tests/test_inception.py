@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,9 @@ def test_tiny_quick_run_writes_every_output(tmp_path):
     assert "NOT CIFAR-10" in summary["data"]
     md = (out / "report.md").read_text()
     assert "## Claims" in md and "Figure 3" in md and "ensemble" in md
+    # every heading stands apart from the paragraph before it (the plateau paragraph
+    # once ran into "## Section 4.2.3")
+    assert "Plateau rule" in md and not re.search(r"[^\n]\n#", md)
     assert "data:image/png;base64," in (out / "report.html").read_text()
     # the report rebuilds from the records alone
     (out / "figure2.png").unlink()
