@@ -200,7 +200,8 @@ PRESETS: dict[str, dict] = {
     ),
     # Section 4.2's speed-up is measured against Inception's *maximum* accuracy: train
     # the four networks of Figure 2 longer (the report says whether Inception plateaued;
-    # on 2 CPU cores at 8,000 steps it had not: docs/readme/inception.md).
+    # on 2 CPU cores at 8,000 steps it had not, nor with --decay 0.05, which lowers every
+    # network's accuracy: docs/readme/inception.md).
     "long": dict(
         networks=["inception", "bn-baseline", "bn-x5", "bn-x30"], steps=8_000,
         bn_steps=5_000, eval_every=500, checkpoint_every=2_000,
